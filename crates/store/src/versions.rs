@@ -1,0 +1,163 @@
+//! The version log and fleet registry, in one redb database.
+//!
+//! redb commits are durable when `commit()` returns (fsync'd, copy-on-write), so a
+//! version is acknowledged only after it will survive a crash. The head check and
+//! the insert happen in one write transaction: two pushes on the same parent cannot
+//! both win.
+
+use std::path::Path;
+
+use redb::{Database, ReadableTable, TableDefinition};
+use vdsync_proto::wire::{AgentInfo, VersionInfo};
+
+use crate::StoreError;
+
+const VERSIONS: TableDefinition<u64, &[u8]> = TableDefinition::new("versions");
+const AGENTS: TableDefinition<&str, &[u8]> = TableDefinition::new("agents");
+
+pub struct VersionLog {
+    db: Database,
+}
+
+fn db_error(err: impl Into<redb::Error>) -> StoreError {
+    StoreError::Database(Box::new(err.into()))
+}
+
+fn decode<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, StoreError> {
+    serde_json::from_slice(bytes).map_err(|err| StoreError::Corrupt(err.to_string()))
+}
+
+fn encode<T: serde::Serialize>(value: &T) -> Vec<u8> {
+    // Serializing plain structs of numbers and strings cannot fail.
+    serde_json::to_vec(value).unwrap_or_default()
+}
+
+impl VersionLog {
+    pub fn open(path: &Path) -> Result<VersionLog, StoreError> {
+        let db = Database::create(path).map_err(db_error)?;
+        let txn = db.begin_write().map_err(db_error)?;
+        txn.open_table(VERSIONS).map_err(db_error)?;
+        txn.open_table(AGENTS).map_err(db_error)?;
+        txn.commit().map_err(db_error)?;
+        Ok(VersionLog { db })
+    }
+
+    pub fn head(&self) -> Result<Option<u64>, StoreError> {
+        let txn = self.db.begin_read().map_err(db_error)?;
+        let table = txn.open_table(VERSIONS).map_err(db_error)?;
+        let last = table.last().map_err(db_error)?;
+        Ok(last.map(|(key, _)| key.value()))
+    }
+
+    pub fn get(&self, version: u64) -> Result<Option<VersionInfo>, StoreError> {
+        let txn = self.db.begin_read().map_err(db_error)?;
+        let table = txn.open_table(VERSIONS).map_err(db_error)?;
+        let found = table.get(version).map_err(db_error)?;
+        found.map(|value| decode(value.value())).transpose()
+    }
+
+    pub fn list(&self) -> Result<Vec<VersionInfo>, StoreError> {
+        let txn = self.db.begin_read().map_err(db_error)?;
+        let table = txn.open_table(VERSIONS).map_err(db_error)?;
+        let mut versions = Vec::new();
+        for item in table.iter().map_err(db_error)? {
+            let (_, value) = item.map_err(db_error)?;
+            versions.push(decode(value.value())?);
+        }
+        Ok(versions)
+    }
+
+    /// Records the next version if `info.parent` is still the head. `info.version`
+    /// is assigned here. Returns the new version number.
+    pub fn commit(&self, mut info: VersionInfo) -> Result<u64, StoreError> {
+        let txn = self.db.begin_write().map_err(db_error)?;
+        let number = {
+            let mut table = txn.open_table(VERSIONS).map_err(db_error)?;
+            let head = table.last().map_err(db_error)?.map(|(key, _)| key.value());
+            if head != info.parent {
+                return Err(StoreError::StaleParent {
+                    parent: info.parent,
+                    head,
+                });
+            }
+            let number = head.map_or(0, |head| head + 1);
+            info.version = number;
+            table
+                .insert(number, encode(&info).as_slice())
+                .map_err(db_error)?;
+            number
+        };
+        txn.commit().map_err(db_error)?;
+        Ok(number)
+    }
+
+    pub fn put_agent(&self, agent: &AgentInfo) -> Result<(), StoreError> {
+        let txn = self.db.begin_write().map_err(db_error)?;
+        {
+            let mut table = txn.open_table(AGENTS).map_err(db_error)?;
+            table
+                .insert(agent.name.as_str(), encode(agent).as_slice())
+                .map_err(db_error)?;
+        }
+        txn.commit().map_err(db_error)?;
+        Ok(())
+    }
+
+    pub fn agent(&self, name: &str) -> Result<Option<AgentInfo>, StoreError> {
+        let txn = self.db.begin_read().map_err(db_error)?;
+        let table = txn.open_table(AGENTS).map_err(db_error)?;
+        let found = table.get(name).map_err(db_error)?;
+        found.map(|value| decode(value.value())).transpose()
+    }
+
+    pub fn agents(&self) -> Result<Vec<AgentInfo>, StoreError> {
+        let txn = self.db.begin_read().map_err(db_error)?;
+        let table = txn.open_table(AGENTS).map_err(db_error)?;
+        let mut agents = Vec::new();
+        for item in table.iter().map_err(db_error)? {
+            let (_, value) = item.map_err(db_error)?;
+            agents.push(decode(value.value())?);
+        }
+        Ok(agents)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vdsync_proto::Hash;
+
+    fn info(parent: Option<u64>) -> VersionInfo {
+        VersionInfo {
+            version: 0,
+            parent,
+            time: 1,
+            message: "m".into(),
+            files: 1,
+            dirs: 0,
+            deleted: 0,
+            bytes: 1,
+            changeset: Hash::of(b"c"),
+        }
+    }
+
+    #[test]
+    fn versions_chain_and_stale_parents_are_refused() {
+        let temp = tempfile::tempdir().unwrap();
+        let log = VersionLog::open(&temp.path().join("db")).unwrap();
+        assert_eq!(log.head().unwrap(), None);
+        assert_eq!(log.commit(info(None)).unwrap(), 0);
+        assert_eq!(log.commit(info(Some(0))).unwrap(), 1);
+        let err = log.commit(info(Some(0))).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "stale parent: the change was made against version 0 but the head is version 1"
+        );
+        assert!(log.commit(info(None)).is_err());
+        drop(log);
+        let reopened = VersionLog::open(&temp.path().join("db")).unwrap();
+        assert_eq!(reopened.head().unwrap(), Some(1));
+        assert_eq!(reopened.list().unwrap().len(), 2);
+        assert_eq!(reopened.get(1).unwrap().unwrap().parent, Some(0));
+    }
+}
