@@ -1,1 +1,324 @@
-//! client
+//! The repository's HTTP API as blocking calls, for the pusher, the agent and the
+//! read-only commands.
+//!
+//! Blobs travel in packs (see `vdsync_proto::wire`): uploads stream from readers
+//! the caller opens lazily, downloads are handed to the caller one blob at a time
+//! and checked against their hash after the caller has consumed them. Nothing here
+//! holds a whole blob in memory.
+
+use std::io::{self, BufReader, Read};
+use std::time::Duration;
+
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use vdsync_proto::wire::{
+    AgentInfo, CommitRequest, ErrorBody, HashList, Head, Hello, Outcome, PackHeader, PackStored,
+    VersionInfo, MAX_HASHES_PER_REQUEST, PACK_HEADER_LEN,
+};
+use vdsync_proto::{Changeset, Hash, Manifest};
+use vdsync_store::StoreError;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("invalid repository url {0:?} (expected http://HOST:PORT)")]
+    BadUrl(String),
+    #[error("cannot reach the repository at {url}")]
+    Transport {
+        url: String,
+        #[source]
+        source: reqwest::Error,
+    },
+    #[error("the repository refused the request: {message}")]
+    Conflict { message: String },
+    #[error("not found: {message}")]
+    NotFound { message: String },
+    #[error("the repository answered {status}: {message}")]
+    Server { status: u16, message: String },
+    #[error("unexpected answer from the repository")]
+    Decode(#[source] reqwest::Error),
+    #[error("blob stream from the repository failed")]
+    Blob(#[source] StoreError),
+}
+
+impl ClientError {
+    /// True for "another version landed first": the caller should rescan and retry.
+    pub fn is_conflict(&self) -> bool {
+        matches!(self, ClientError::Conflict { .. })
+    }
+}
+
+/// One blob to upload: its hash, its uncompressed length, and how to read it.
+pub struct UploadItem {
+    pub hash: Hash,
+    pub len: u64,
+    pub open: Box<dyn FnOnce() -> io::Result<Box<dyn Read + Send>> + Send>,
+}
+
+#[derive(Clone)]
+pub struct Client {
+    http: reqwest::blocking::Client,
+    base: String,
+}
+
+impl Client {
+    pub fn new(url: &str) -> Result<Client, ClientError> {
+        let base = url.trim_end_matches('/').to_owned();
+        if !(base.starts_with("http://") || base.starts_with("https://")) || base.len() < 8 {
+            return Err(ClientError::BadUrl(url.to_owned()));
+        }
+        let http = reqwest::blocking::Client::builder()
+            .connect_timeout(Duration::from_secs(10))
+            // Packs of many GiB and long-polls take as long as they take; stalls are
+            // caught by TCP keepalive instead of a whole-request deadline.
+            .timeout(None)
+            .tcp_keepalive(Duration::from_secs(30))
+            .build()
+            .map_err(|source| ClientError::Transport {
+                url: base.clone(),
+                source,
+            })?;
+        Ok(Client { http, base })
+    }
+
+    pub fn url(&self) -> &str {
+        &self.base
+    }
+
+    fn send(
+        &self,
+        request: reqwest::blocking::RequestBuilder,
+        what: &str,
+    ) -> Result<reqwest::blocking::Response, ClientError> {
+        let response = request.send().map_err(|source| ClientError::Transport {
+            url: format!("{}{what}", self.base),
+            source,
+        })?;
+        let status = response.status();
+        if status.is_success() {
+            return Ok(response);
+        }
+        let body = response.text().unwrap_or_default();
+        let message = serde_json::from_str::<ErrorBody>(&body)
+            .map(|error| error.error)
+            .unwrap_or_else(|_| body.trim().to_owned());
+        Err(match status.as_u16() {
+            409 => ClientError::Conflict { message },
+            404 => ClientError::NotFound { message },
+            code => ClientError::Server {
+                status: code,
+                message,
+            },
+        })
+    }
+
+    fn get<T: DeserializeOwned>(&self, path: &str) -> Result<T, ClientError> {
+        let response = self.send(self.http.get(format!("{}{path}", self.base)), path)?;
+        response.json().map_err(ClientError::Decode)
+    }
+
+    fn post<B: Serialize, T: DeserializeOwned>(&self, path: &str, body: &B) -> Result<T, ClientError> {
+        let request = self.http.post(format!("{}{path}", self.base)).json(body);
+        self.send(request, path)?.json().map_err(ClientError::Decode)
+    }
+
+    fn post_no_answer<B: Serialize>(&self, path: &str, body: &B) -> Result<(), ClientError> {
+        let request = self.http.post(format!("{}{path}", self.base)).json(body);
+        self.send(request, path).map(|_| ())
+    }
+
+    pub fn head(&self) -> Result<Option<u64>, ClientError> {
+        Ok(self.get::<Head>("/v1/head")?.head)
+    }
+
+    /// Waits (server side, without polling) until the head passes `after`, or
+    /// `wait` elapses; returns the head either way.
+    pub fn wait_head(&self, after: Option<u64>, wait: Duration) -> Result<Option<u64>, ClientError> {
+        let path = match after {
+            Some(after) => format!("/v1/head?after={after}&wait_ms={}", wait.as_millis()),
+            None => format!("/v1/head?wait_ms={}", wait.as_millis()),
+        };
+        Ok(self.get::<Head>(&path)?.head)
+    }
+
+    pub fn versions(&self) -> Result<Vec<VersionInfo>, ClientError> {
+        self.get("/v1/versions")
+    }
+
+    pub fn version(&self, version: u64) -> Result<VersionInfo, ClientError> {
+        self.get(&format!("/v1/versions/{version}"))
+    }
+
+    pub fn manifest(&self, version: u64) -> Result<Manifest, ClientError> {
+        self.get(&format!("/v1/versions/{version}/manifest"))
+    }
+
+    pub fn changeset(&self, version: u64) -> Result<Changeset, ClientError> {
+        self.get(&format!("/v1/versions/{version}/changeset"))
+    }
+
+    /// The subset of `hashes` the repository does not hold, asked in batches.
+    pub fn missing(&self, hashes: &[Hash]) -> Result<Vec<Hash>, ClientError> {
+        let mut missing = Vec::new();
+        for batch in hashes.chunks(MAX_HASHES_PER_REQUEST) {
+            let answer: HashList = self.post(
+                "/v1/blobs/missing",
+                &HashList {
+                    hashes: batch.to_vec(),
+                },
+            )?;
+            missing.extend(answer.hashes);
+        }
+        Ok(missing)
+    }
+
+    /// Uploads `items` as one pack. `on_bytes` is told of every compressed byte sent
+    /// (for progress). Returns the number of bytes sent.
+    pub fn upload_pack(
+        &self,
+        items: Vec<UploadItem>,
+        on_bytes: Box<dyn FnMut(u64) + Send>,
+    ) -> Result<u64, ClientError> {
+        let counter = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let reader = PackReader {
+            items: items.into_iter(),
+            current: None,
+            header: Vec::new(),
+            sent: counter.clone(),
+            on_bytes,
+        };
+        let request = self
+            .http
+            .post(format!("{}/v1/blobs/pack", self.base))
+            .header("content-type", "application/octet-stream")
+            .body(reqwest::blocking::Body::new(reader));
+        let _: PackStored = self
+            .send(request, "/v1/blobs/pack")?
+            .json()
+            .map_err(ClientError::Decode)?;
+        Ok(counter.load(std::sync::atomic::Ordering::Relaxed))
+    }
+
+    /// Downloads `hashes` as one pack, handing each blob's content to `sink` and
+    /// checking its hash afterwards. Returns the compressed bytes received.
+    pub fn fetch(
+        &self,
+        hashes: &[Hash],
+        sink: &mut dyn FnMut(PackHeader, &mut dyn Read) -> io::Result<()>,
+    ) -> Result<u64, ClientError> {
+        let response = self.send(
+            self.http
+                .post(format!("{}/v1/blobs/fetch", self.base))
+                .json(&HashList {
+                    hashes: hashes.to_vec(),
+                }),
+            "/v1/blobs/fetch",
+        )?;
+        let mut counted = CountingReader {
+            inner: response,
+            count: 0,
+        };
+        let mut input = BufReader::with_capacity(256 * 1024, &mut counted);
+        let mut received = 0usize;
+        while let Some(header) = vdsync_store::read_pack_header(&mut input).map_err(ClientError::Blob)? {
+            if hashes.get(received) != Some(&header.hash) {
+                return Err(ClientError::Blob(StoreError::MissingBlob(
+                    hashes.get(received).copied().unwrap_or(header.hash),
+                )));
+            }
+            vdsync_store::read_frame(&mut input, header.hash, header.len, &mut |content| {
+                sink(header, content)
+            })
+            .map_err(ClientError::Blob)?;
+            received += 1;
+        }
+        if received != hashes.len() {
+            return Err(ClientError::Blob(StoreError::MissingBlob(hashes[received])));
+        }
+        drop(input);
+        Ok(counted.count)
+    }
+
+    pub fn commit(&self, request: &CommitRequest) -> Result<VersionInfo, ClientError> {
+        self.post("/v1/versions", request)
+    }
+
+    pub fn hello(&self, name: &str, hello: &Hello) -> Result<(), ClientError> {
+        self.post_no_answer(&format!("/v1/agents/{name}/hello"), hello)
+    }
+
+    pub fn report(&self, name: &str, outcome: &Outcome) -> Result<(), ClientError> {
+        self.post_no_answer(&format!("/v1/agents/{name}/report"), outcome)
+    }
+
+    pub fn agents(&self) -> Result<Vec<AgentInfo>, ClientError> {
+        self.get("/v1/agents")
+    }
+}
+
+struct CountingReader<R> {
+    inner: R,
+    count: u64,
+}
+
+impl<R: Read> Read for CountingReader<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.count += n as u64;
+        Ok(n)
+    }
+}
+
+/// The body of a pack upload: each item's header, then its content compressed as one
+/// zstd frame, opened only when its turn comes.
+struct PackReader {
+    items: std::vec::IntoIter<UploadItem>,
+    current: Option<zstd::stream::read::Encoder<'static, BufReader<Box<dyn Read + Send>>>>,
+    header: Vec<u8>,
+    sent: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    on_bytes: Box<dyn FnMut(u64) + Send>,
+}
+
+impl PackReader {
+    fn read_inner(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        loop {
+            if !self.header.is_empty() {
+                let n = self.header.len().min(buf.len());
+                buf[..n].copy_from_slice(&self.header[..n]);
+                self.header.drain(..n);
+                return Ok(n);
+            }
+            if let Some(encoder) = &mut self.current {
+                let n = encoder.read(buf)?;
+                if n > 0 {
+                    return Ok(n);
+                }
+                self.current = None;
+            }
+            let Some(item) = self.items.next() else {
+                return Ok(0);
+            };
+            let content = (item.open)()?;
+            let mut encoder =
+                zstd::stream::read::Encoder::new(content, vdsync_store::ZSTD_LEVEL)?;
+            encoder.set_pledged_src_size(Some(item.len))?;
+            self.current = Some(encoder);
+            let header = PackHeader {
+                hash: item.hash,
+                len: item.len,
+            }
+            .encode();
+            debug_assert_eq!(header.len(), PACK_HEADER_LEN);
+            self.header.extend_from_slice(&header);
+        }
+    }
+}
+
+impl Read for PackReader {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.read_inner(buf)?;
+        self.sent
+            .fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
+        (self.on_bytes)(n as u64);
+        Ok(n)
+    }
+}

@@ -225,16 +225,33 @@ pub fn decode_frame(
     len: u64,
     output: &mut dyn Write,
 ) -> Result<(), StoreError> {
+    read_frame(input, hash, len, &mut |content| {
+        io::copy(content, output).map(|_| ())
+    })
+}
+
+/// Decodes one zstd frame from `input` and hands the content to `consume` as a
+/// stream, then checks that it held `len` bytes hashing to `hash`. The consumer sees
+/// unverified bytes: it must treat what it wrote as provisional until this returns
+/// `Ok` (the agent writes into staging, never into the tree).
+pub fn read_frame(
+    input: &mut dyn BufRead,
+    hash: Hash,
+    len: u64,
+    consume: &mut dyn FnMut(&mut dyn Read) -> io::Result<()>,
+) -> Result<(), StoreError> {
     let decoder = zstd::stream::read::Decoder::with_buffer(input)
         .map_err(StoreError::Stream)?
         .single_frame();
-    let mut verifying = HashingReader::new(decoder);
-    let copied = io::copy(&mut (&mut verifying).take(len + 1), output).map_err(StoreError::Stream)?;
-    if copied != len {
+    // One byte more than declared, so that a frame holding too much is noticed.
+    let mut verifying = HashingReader::new(decoder.take(len + 1));
+    consume(&mut verifying).map_err(StoreError::Stream)?;
+    io::copy(&mut verifying, &mut io::sink()).map_err(StoreError::Stream)?;
+    if verifying.bytes_read() != len {
         return Err(StoreError::LengthMismatch {
             hash: Some(hash),
             declared: len,
-            actual: copied,
+            actual: verifying.bytes_read(),
         });
     }
     let actual = verifying.finish();
@@ -251,6 +268,7 @@ pub fn decode_frame(
 pub struct HashingReader<R> {
     inner: R,
     hasher: blake3::Hasher,
+    bytes_read: u64,
 }
 
 impl<R: Read> HashingReader<R> {
@@ -258,7 +276,12 @@ impl<R: Read> HashingReader<R> {
         HashingReader {
             inner,
             hasher: blake3::Hasher::new(),
+            bytes_read: 0,
         }
+    }
+
+    pub fn bytes_read(&self) -> u64 {
+        self.bytes_read
     }
 
     pub fn finish(&self) -> Hash {
@@ -270,6 +293,7 @@ impl<R: Read> Read for HashingReader<R> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         let n = self.inner.read(buf)?;
         self.hasher.update(&buf[..n]);
+        self.bytes_read += n as u64;
         Ok(n)
     }
 }

@@ -11,7 +11,7 @@ mod versions;
 use std::path::PathBuf;
 
 pub use blobs::{
-    decode_frame, ingest_pack, put_bytes, put_reader, read_blob, read_pack_header, write_pack,
+    decode_frame, ingest_pack, put_bytes, put_reader, read_blob, read_frame, read_pack_header, write_pack,
     BlobStore, BlobWriter, HashingReader, LocalBlobStore, ZSTD_LEVEL,
 };
 pub use versions::VersionLog;

@@ -1,1 +1,47 @@
-//! track
+//! The development side: reading the tree, remembering what was pushed, and turning
+//! the difference into a version.
+//!
+//! `track` never writes into the development tree; it reads it and keeps its own
+//! state in `--state`.
+
+pub mod excludes;
+pub mod push;
+pub mod scan;
+
+use std::path::PathBuf;
+
+pub use excludes::{Excludes, DEFAULT_EXCLUDES};
+pub use push::{push, PushOptions, PushReport, Progress};
+pub use scan::{scan, Index};
+use vdsync_proto::RepoPath;
+
+#[derive(Debug, thiserror::Error)]
+pub enum TrackError {
+    #[error("i/o error on {path}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path}: {message}")]
+    BadName { path: PathBuf, message: String },
+    #[error("invalid exclude pattern {pattern:?}: {message}")]
+    BadExclude { pattern: String, message: String },
+    #[error("state file {path} is unreadable: {message}")]
+    CorruptState { path: PathBuf, message: String },
+    #[error("{0} kept changing while it was read; try again when it is quiet")]
+    KeptChanging(PathBuf),
+    #[error("{0} changed while it was uploaded")]
+    ChangedDuringPush(RepoPath),
+    #[error("this tree was last pushed as version {} but the repository head is {}; another push landed in between (remove the state directory's index.json to rebase onto the head, re-hashing every file)", show(.pushed), show(.head))]
+    DivergedFromRepository {
+        pushed: Option<u64>,
+        head: Option<u64>,
+    },
+    #[error(transparent)]
+    Repository(#[from] vdsync_client::ClientError),
+}
+
+fn show(version: &Option<u64>) -> String {
+    version.map_or_else(|| "none".to_owned(), |v| v.to_string())
+}

@@ -1,0 +1,417 @@
+//! Reading a development tree into a manifest, hashing only what changed.
+//!
+//! Like git's index, the [`Index`] remembers for every regular file the stat fields
+//! that change whenever its content can have changed (size, mtime, ctime, inode).
+//! A file whose fields all match keeps its recorded hash; every other file is read
+//! and hashed. Metadata (mode, owner, xattrs) is read afresh for every entry: it is
+//! one `lstat` and one `llistxattr`, and a chmod does not touch mtime.
+
+use std::collections::{BTreeMap, HashMap};
+use std::ffi::OsStr;
+use std::fs::File;
+use std::io::{self, Read, Seek, SeekFrom};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use vdsync_proto::{Entry, EntryKind, Hash, Manifest, Metadata, RepoPath, Segment, Timestamp, Xattr};
+
+use crate::excludes::Excludes;
+use crate::TrackError;
+
+/// The stat fields that, unchanged, let a file keep its recorded hash.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StatKey {
+    pub size: u64,
+    pub mtime: i64,
+    pub mtime_nsec: i64,
+    pub ctime: i64,
+    pub ctime_nsec: i64,
+    pub ino: u64,
+    pub dev: u64,
+}
+
+impl StatKey {
+    fn of(meta: &std::fs::Metadata) -> StatKey {
+        StatKey {
+            size: meta.size(),
+            mtime: meta.mtime(),
+            mtime_nsec: meta.mtime_nsec(),
+            ctime: meta.ctime(),
+            ctime_nsec: meta.ctime_nsec(),
+            ino: meta.ino(),
+            dev: meta.dev(),
+        }
+    }
+}
+
+/// One indexed path: its entry, and for regular files the stat key it was hashed at.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IndexEntry {
+    pub path: RepoPath,
+    #[serde(flatten)]
+    pub entry: Entry,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stat: Option<StatKey>,
+}
+
+/// The pusher's memory of the last pushed tree (kept in `--state`).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Index {
+    /// The version this tree was pushed as; `None` before the first push.
+    pub version: Option<u64>,
+    pub entries: Vec<IndexEntry>,
+}
+
+impl Index {
+    pub fn manifest(&self) -> Manifest {
+        Manifest {
+            entries: self
+                .entries
+                .iter()
+                .map(|item| (item.path.clone(), item.entry.clone()))
+                .collect(),
+        }
+    }
+
+    /// An index for a manifest fetched from the repository: no stat keys, so every
+    /// file is hashed once on the next scan.
+    pub fn from_manifest(version: Option<u64>, manifest: Manifest) -> Index {
+        Index {
+            version,
+            entries: manifest
+                .entries
+                .into_iter()
+                .map(|(path, entry)| IndexEntry {
+                    path,
+                    entry,
+                    stat: None,
+                })
+                .collect(),
+        }
+    }
+
+    pub fn load(path: &Path) -> Result<Option<Index>, TrackError> {
+        match std::fs::read(path) {
+            Ok(bytes) => serde_json::from_slice(&bytes)
+                .map(Some)
+                .map_err(|err| TrackError::CorruptState {
+                    path: path.to_path_buf(),
+                    message: err.to_string(),
+                }),
+            Err(err) if err.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(source) => Err(TrackError::Io {
+                path: path.to_path_buf(),
+                source,
+            }),
+        }
+    }
+
+    pub fn save(&self, path: &Path) -> Result<(), TrackError> {
+        let bytes = serde_json::to_vec(self).map_err(|err| TrackError::CorruptState {
+            path: path.to_path_buf(),
+            message: err.to_string(),
+        })?;
+        vdsync_sys::write_atomic(path, &bytes).map_err(|source| TrackError::Io {
+            path: path.to_path_buf(),
+            source,
+        })
+    }
+}
+
+/// How many times a file that changes while it is hashed is read again before the
+/// scan gives up on it.
+const HASH_ATTEMPTS: usize = 5;
+
+/// Reads the tree under `root` (excluding `excludes`), reusing hashes from
+/// `previous` where the stat key matches.
+pub fn scan(root: &Path, excludes: &Excludes, previous: &Index) -> Result<Index, TrackError> {
+    let known: HashMap<&RepoPath, &IndexEntry> =
+        previous.entries.iter().map(|item| (&item.path, item)).collect();
+    let mut scanner = Scanner {
+        root,
+        excludes,
+        known,
+        entries: Vec::new(),
+        inodes: HashMap::new(),
+    };
+    scanner.walk(None)?;
+    let mut entries = scanner.entries;
+    entries.sort_by(|a, b| a.path.cmp(&b.path));
+    link_hard_links(&mut entries, &scanner.inodes);
+    Ok(Index {
+        version: previous.version,
+        entries,
+    })
+}
+
+struct Scanner<'a> {
+    root: &'a Path,
+    excludes: &'a Excludes,
+    known: HashMap<&'a RepoPath, &'a IndexEntry>,
+    entries: Vec<IndexEntry>,
+    /// (dev, ino) → paths, for regular files with more than one link.
+    inodes: HashMap<(u64, u64), Vec<RepoPath>>,
+}
+
+impl Scanner<'_> {
+    fn walk(&mut self, dir: Option<&RepoPath>) -> Result<(), TrackError> {
+        let dir_path = absolute(self.root, dir);
+        let listing = std::fs::read_dir(&dir_path).map_err(|source| TrackError::Io {
+            path: dir_path.clone(),
+            source,
+        })?;
+        let mut names: Vec<Vec<u8>> = Vec::new();
+        for item in listing {
+            let item = item.map_err(|source| TrackError::Io {
+                path: dir_path.clone(),
+                source,
+            })?;
+            names.push(item.file_name().as_bytes().to_vec());
+        }
+        names.sort();
+        for name in names {
+            let path = match dir {
+                Some(dir) => dir.join(&name),
+                None => RepoPath::parse(&name),
+            }
+            .map_err(|err| TrackError::BadName {
+                path: dir_path.join(OsStr::from_bytes(&name)),
+                message: err.to_string(),
+            })?;
+            if self.excludes.is_excluded(&path) {
+                continue;
+            }
+            let full = absolute(self.root, Some(&path));
+            let meta = match std::fs::symlink_metadata(&full) {
+                Ok(meta) => meta,
+                // Deleted since the listing: it is simply not part of this scan.
+                Err(err) if err.kind() == io::ErrorKind::NotFound => continue,
+                Err(source) => return Err(TrackError::Io { path: full, source }),
+            };
+            let file_type = meta.file_type();
+            let kind = if file_type.is_dir() {
+                EntryKind::Dir
+            } else if file_type.is_symlink() {
+                let target = std::fs::read_link(&full).map_err(|source| TrackError::Io {
+                    path: full.clone(),
+                    source,
+                })?;
+                EntryKind::Symlink {
+                    target: target.into_os_string().into_vec_bytes(),
+                }
+            } else if file_type.is_file() {
+                self.file_kind(&path, &full, &meta)?
+            } else if file_type.is_fifo() {
+                EntryKind::Fifo
+            } else if file_type.is_char_device() {
+                EntryKind::CharDevice { rdev: meta.rdev() }
+            } else if file_type.is_block_device() {
+                EntryKind::BlockDevice { rdev: meta.rdev() }
+            } else {
+                EntryKind::Socket
+            };
+            let stat = matches!(kind, EntryKind::File { .. }).then(|| StatKey::of(&meta));
+            if stat.is_some() && meta.nlink() > 1 {
+                self.inodes
+                    .entry((meta.dev(), meta.ino()))
+                    .or_default()
+                    .push(path.clone());
+            }
+            let entry = Entry {
+                kind,
+                meta: metadata_of(&full, &meta)?,
+            };
+            let is_dir = entry.kind == EntryKind::Dir;
+            self.entries.push(IndexEntry {
+                path: path.clone(),
+                entry,
+                stat,
+            });
+            if is_dir {
+                self.walk(Some(&path))?;
+            }
+        }
+        Ok(())
+    }
+
+    fn file_kind(
+        &self,
+        path: &RepoPath,
+        full: &Path,
+        meta: &std::fs::Metadata,
+    ) -> Result<EntryKind, TrackError> {
+        let key = StatKey::of(meta);
+        if let Some(known) = self.known.get(path) {
+            if known.stat == Some(key) {
+                if let EntryKind::File { .. } = known.entry.kind {
+                    return Ok(known.entry.kind.clone());
+                }
+            }
+        }
+        hash_file(full)
+    }
+}
+
+fn absolute(root: &Path, path: Option<&RepoPath>) -> PathBuf {
+    match path {
+        Some(path) => root.join(OsStr::from_bytes(path.as_bytes())),
+        None => root.to_path_buf(),
+    }
+}
+
+trait IntoVecBytes {
+    fn into_vec_bytes(self) -> Vec<u8>;
+}
+
+impl IntoVecBytes for std::ffi::OsString {
+    fn into_vec_bytes(self) -> Vec<u8> {
+        use std::os::unix::ffi::OsStringExt;
+        self.into_vec()
+    }
+}
+
+fn metadata_of(full: &Path, meta: &std::fs::Metadata) -> Result<Metadata, TrackError> {
+    let mut xattrs = Vec::new();
+    for (name, value) in vdsync_sys::list_xattrs(full).map_err(|source| TrackError::Io {
+        path: full.to_path_buf(),
+        source,
+    })? {
+        let name = String::from_utf8(name).map_err(|_| TrackError::BadName {
+            path: full.to_path_buf(),
+            message: "an extended attribute name is not UTF-8".into(),
+        })?;
+        xattrs.push(Xattr { name, value });
+    }
+    Ok(Metadata {
+        mode: meta.mode() & 0o7777,
+        uid: meta.uid(),
+        gid: meta.gid(),
+        mtime: Timestamp {
+            sec: meta.mtime(),
+            nsec: u32::try_from(meta.mtime_nsec()).unwrap_or(0),
+        },
+        xattrs,
+    })
+}
+
+/// Hashes a file's data runs. The file is read again if its size, mtime or ctime
+/// moved while it was read, so a hash always describes one consistent state.
+pub fn hash_file(full: &Path) -> Result<EntryKind, TrackError> {
+    let io_error = |source| TrackError::Io {
+        path: full.to_path_buf(),
+        source,
+    };
+    for _ in 0..HASH_ATTEMPTS {
+        let mut file = File::open(full).map_err(io_error)?;
+        let before = StatKey::of(&file.metadata().map_err(io_error)?);
+        let segments = vdsync_sys::data_segments(&file, before.size).map_err(io_error)?;
+        let mut hasher = blake3::Hasher::new();
+        let mut reader = SegmentReader::new(&mut file, segments.as_deref(), before.size);
+        let mut buffer = vec![0u8; 256 * 1024];
+        loop {
+            let n = reader.read(&mut buffer).map_err(io_error)?;
+            if n == 0 {
+                break;
+            }
+            hasher.update(&buffer[..n]);
+        }
+        let after = StatKey::of(&file.metadata().map_err(io_error)?);
+        if after == before {
+            return Ok(EntryKind::File {
+                size: before.size,
+                hash: Hash::from(hasher.finalize()),
+                segments: segments.map(|runs| {
+                    runs.into_iter()
+                        .map(|(offset, len)| Segment { offset, len })
+                        .collect()
+                }),
+            });
+        }
+    }
+    Err(TrackError::KeptChanging(full.to_path_buf()))
+}
+
+/// Reads a file's data runs back to back: the blob of a sparse file.
+pub struct SegmentReader<F> {
+    file: F,
+    runs: Vec<(u64, u64)>,
+    run: usize,
+    done_in_run: u64,
+}
+
+impl<F: Read + Seek> SegmentReader<F> {
+    pub fn new(file: F, segments: Option<&[(u64, u64)]>, size: u64) -> Self {
+        let runs = match segments {
+            Some(segments) => segments.to_vec(),
+            None => vec![(0, size)],
+        };
+        SegmentReader {
+            file,
+            runs,
+            run: 0,
+            done_in_run: 0,
+        }
+    }
+
+    pub fn from_entry(file: F, kind: &EntryKind) -> Self {
+        match kind {
+            EntryKind::File { size, segments, .. } => {
+                let runs: Option<Vec<(u64, u64)>> = segments
+                    .as_ref()
+                    .map(|s| s.iter().map(|s| (s.offset, s.len)).collect());
+                SegmentReader::new(file, runs.as_deref(), *size)
+            }
+            _ => SegmentReader::new(file, Some(&[]), 0),
+        }
+    }
+}
+
+impl<F: Read + Seek> Read for SegmentReader<F> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        while let Some(&(offset, len)) = self.runs.get(self.run) {
+            if self.done_in_run == len {
+                self.run += 1;
+                self.done_in_run = 0;
+                continue;
+            }
+            if self.done_in_run == 0 {
+                self.file.seek(SeekFrom::Start(offset))?;
+            }
+            let want = usize::try_from(len - self.done_in_run)
+                .unwrap_or(usize::MAX)
+                .min(buf.len());
+            let n = self.file.read(&mut buf[..want])?;
+            if n == 0 {
+                // The file shrank under us; the hash check downstream fails loudly.
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "file shrank while it was read",
+                ));
+            }
+            self.done_in_run += n as u64;
+            return Ok(n);
+        }
+        Ok(0)
+    }
+}
+
+/// Turns every member but the first (in path order) of each hard-link group into a
+/// `HardLink` to the first.
+fn link_hard_links(entries: &mut [IndexEntry], inodes: &HashMap<(u64, u64), Vec<RepoPath>>) {
+    let mut link_targets: BTreeMap<RepoPath, RepoPath> = BTreeMap::new();
+    for paths in inodes.values().filter(|paths| paths.len() > 1) {
+        let mut sorted = paths.clone();
+        sorted.sort();
+        for link in &sorted[1..] {
+            link_targets.insert(link.clone(), sorted[0].clone());
+        }
+    }
+    for item in entries.iter_mut() {
+        if let Some(target) = link_targets.remove(&item.path) {
+            item.entry.kind = EntryKind::HardLink { target };
+            item.stat = None;
+        }
+    }
+}
