@@ -1,1 +1,64 @@
-//! agent
+//! The public-machine side: follow the repository's head and apply each version to
+//! the tree atomically.
+//!
+//! Only this crate writes into a machine's root. Process handling (stop, start,
+//! reload) belongs here too and comes with its own issue.
+
+pub mod apply;
+mod follow;
+
+use std::path::PathBuf;
+
+pub use apply::{Applied, Applier, BlobSource, Journal};
+pub use follow::{follow, FollowOptions, FollowSummary};
+use vdsync_proto::{ChangesetError, RepoPath};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApplyError {
+    #[error("cannot {operation} {path}")]
+    Io {
+        path: PathBuf,
+        operation: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot {operation} {path} in the tree")]
+    Tree {
+        path: RepoPath,
+        operation: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("state file {path} is unreadable: {message}")]
+    CorruptState { path: PathBuf, message: String },
+    #[error("version {version} is not a valid changeset")]
+    InvalidChangeset {
+        version: u64,
+        #[source]
+        source: ChangesetError,
+    },
+    #[error("version {version} applies to version {}, but this tree is at version {}", show(.expected), show(.actual))]
+    WrongParent {
+        version: u64,
+        expected: Option<u64>,
+        actual: Option<u64>,
+    },
+    #[error(transparent)]
+    Repository(#[from] vdsync_client::ClientError),
+}
+
+fn show(version: &Option<u64>) -> String {
+    version.map_or_else(|| "none".to_owned(), |v| v.to_string())
+}
+
+impl BlobSource for vdsync_client::Client {
+    fn fetch(
+        &self,
+        hashes: &[vdsync_proto::Hash],
+        sink: &mut dyn FnMut(vdsync_proto::Hash, &mut dyn std::io::Read) -> std::io::Result<()>,
+    ) -> Result<u64, ApplyError> {
+        Ok(vdsync_client::Client::fetch(self, hashes, &mut |header, content| {
+            sink(header.hash, content)
+        })?)
+    }
+}

@@ -6,6 +6,7 @@
 //! every blob's hash on the way in.
 
 mod blobs;
+mod segments;
 mod versions;
 
 use std::path::PathBuf;
@@ -14,6 +15,7 @@ pub use blobs::{
     decode_frame, ingest_pack, put_bytes, put_reader, read_blob, read_frame, read_pack_header, write_pack,
     BlobStore, BlobWriter, HashingReader, LocalBlobStore, ZSTD_LEVEL,
 };
+pub use segments::SegmentReader;
 pub use versions::VersionLog;
 use vdsync_proto::Hash;
 

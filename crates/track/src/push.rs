@@ -17,7 +17,9 @@ use vdsync_proto::wire::CommitRequest;
 use vdsync_proto::{diff, Changeset, EntryKind, Hash, RepoPath};
 
 use crate::excludes::Excludes;
-use crate::scan::{hash_file, scan, Index, SegmentReader};
+use vdsync_store::SegmentReader;
+
+use crate::scan::{hash_file, scan, Index};
 use crate::TrackError;
 
 /// Upload packs close at this many content bytes or this many blobs, so a failed

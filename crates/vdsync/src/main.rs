@@ -1,1 +1,402 @@
-fn main() {}
+//! `vdsync`: the one binary. Parses the command line, sets up logging, calls into the
+//! role crates, prints results, and maps failures to exit codes (0 success,
+//! 1 failure, 2 usage error). No logic of its own lives here.
+
+mod output;
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "vdsync",
+    version,
+    about = "Ship file changes from a development machine to a running fleet in seconds",
+    long_about = "vdsync ships file changes made on a development machine to a fleet of running \
+machines. `push` turns the changes into a numbered, immutable version at the repository \
+(`repo serve`); every machine's `agent` follows the repository's head and applies each \
+version atomically.\n\nA typical session:\n  vdsync repo init --data /srv/vdsync --from-dir /srv/base-tree\n  \
+vdsync repo serve --data /srv/vdsync --listen 0.0.0.0:7468\n  vdsync agent --root / --repo http://repo:7468     # on every machine\n  \
+vdsync push --root / --repo http://repo:7468 --rescan -m 'new nginx.conf'   # on the development machine"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Create or serve the repository that stores versions and blobs
+    #[command(subcommand)]
+    Repo(RepoCommand),
+    /// Send the development tree's changes as the next version
+    Push(PushArgs),
+    /// Follow the repository and apply every new version to this machine's tree
+    Agent(AgentArgs),
+    /// List versions: number, time, message, size
+    Log(ReadArgs),
+    /// List agents: name, version, last contact, last outcome
+    Fleet(ReadArgs),
+}
+
+#[derive(Subcommand)]
+enum RepoCommand {
+    /// Record version 0 from a directory tree
+    Init(RepoInitArgs),
+    /// Serve the repository's HTTP API (foreground)
+    Serve(RepoServeArgs),
+}
+
+#[derive(Args)]
+struct RepoInitArgs {
+    /// Directory for the repository's blobs and database (created; must be empty)
+    #[arg(long, value_name = "DIR")]
+    data: PathBuf,
+    /// The tree that becomes version 0 (default excludes apply, as for push)
+    #[arg(long, value_name = "TREE")]
+    from_dir: PathBuf,
+    #[command(flatten)]
+    excludes: ExcludeArgs,
+}
+
+#[derive(Args)]
+struct RepoServeArgs {
+    /// Directory created by `repo init`
+    #[arg(long, value_name = "DIR")]
+    data: PathBuf,
+    /// Address to listen on (port 0 picks a free port; the address is printed)
+    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:7468")]
+    listen: String,
+}
+
+#[derive(Args, Clone)]
+struct ExcludeArgs {
+    /// Leave out paths matching this glob, relative to the root (repeatable;
+    /// `*` stays within a directory, `**` crosses directories)
+    #[arg(long = "exclude", value_name = "GLOB")]
+    exclude: Vec<String>,
+    /// Do not apply the default excludes (proc, sys, dev, run, tmp, var/tmp,
+    /// var/cache, var/log, var/lib/vdsync, etc/machine-id, etc/hostname,
+    /// etc/ssh/ssh_host_*, var/lib/cloud)
+    #[arg(long)]
+    no_default_excludes: bool,
+}
+
+#[derive(Args)]
+struct PushArgs {
+    /// The development tree (`/` on a development machine)
+    #[arg(long, value_name = "DIR")]
+    root: PathBuf,
+    /// Repository URL, e.g. http://repo:7468
+    #[arg(long, value_name = "URL", env = "VDSYNC_REPO")]
+    repo: String,
+    /// Pusher state (the index of the last push)
+    #[arg(long, value_name = "DIR", default_value = "/var/lib/vdsync/push")]
+    state: PathBuf,
+    /// Message recorded with the version
+    #[arg(short, long, default_value = "")]
+    message: String,
+    /// Print what would be sent; send and change nothing
+    #[arg(long)]
+    dry_run: bool,
+    /// Compare the whole tree with the last push (size, mtime, ctime and inode
+    /// decide which files are read again). Until the tracker lands this is how
+    /// every push works.
+    #[arg(long)]
+    rescan: bool,
+    /// Print the result as JSON
+    #[arg(long)]
+    json: bool,
+    #[command(flatten)]
+    excludes: ExcludeArgs,
+}
+
+#[derive(Args)]
+struct AgentArgs {
+    /// The tree this machine runs from (`/` in production)
+    #[arg(long, value_name = "DIR")]
+    root: PathBuf,
+    /// Repository URL, e.g. http://repo:7468
+    #[arg(long, value_name = "URL", env = "VDSYNC_REPO")]
+    repo: String,
+    /// Agent state: applied version, journal, staging (same file system as the root)
+    #[arg(long, value_name = "DIR", default_value = "/var/lib/vdsync/agent")]
+    state: PathBuf,
+    /// Name this machine reports under (default: the host name)
+    #[arg(long)]
+    name: Option<String>,
+    /// Catch up to the head, report, and exit (non-zero if a version failed)
+    #[arg(long)]
+    once: bool,
+    /// Seconds to wait before retrying a failed version or an unreachable repository
+    #[arg(long, value_name = "SECONDS", default_value_t = 5)]
+    retry_after: u64,
+}
+
+#[derive(Args)]
+struct ReadArgs {
+    /// Repository URL, e.g. http://repo:7468
+    #[arg(long, value_name = "URL", env = "VDSYNC_REPO")]
+    repo: String,
+    /// Print JSON instead of a table
+    #[arg(long)]
+    json: bool,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let verbose = matches!(
+        cli.command,
+        Command::Agent(_) | Command::Repo(RepoCommand::Serve(_))
+    );
+    init_logging(verbose);
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("vdsync: error: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_logging(verbose: bool) {
+    let default = if verbose { "info" } else { "warn" };
+    let filter = tracing_subscriber::EnvFilter::try_from_env("VDSYNC_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+}
+
+fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Repo(RepoCommand::Init(args)) => repo_init(args),
+        Command::Repo(RepoCommand::Serve(args)) => repo_serve(args),
+        Command::Push(args) => push(args),
+        Command::Agent(args) => agent(args),
+        Command::Log(args) => {
+            let client = vdsync_client::Client::new(&args.repo)?;
+            let versions = client.versions()?;
+            output::print_log(&versions, args.json)
+        }
+        Command::Fleet(args) => {
+            let client = vdsync_client::Client::new(&args.repo)?;
+            let agents = client.agents()?;
+            output::print_fleet(&agents, args.json)
+        }
+    }
+}
+
+fn excludes_for(args: &ExcludeArgs, root: &Path, state: Option<&Path>) -> Result<vdsync_track::Excludes> {
+    let mut patterns = if args.no_default_excludes {
+        Vec::new()
+    } else {
+        vdsync_track::Excludes::defaults()
+    };
+    patterns.extend(args.exclude.iter().cloned());
+    // The pusher's own state is never shipped, wherever it lives.
+    let mut prefixes = Vec::new();
+    if let Some(state) = state {
+        let root = std::fs::canonicalize(root).with_context(|| format!("cannot open {}", root.display()))?;
+        if let Ok(state) = std::fs::canonicalize(state) {
+            if let Ok(inside) = state.strip_prefix(&root) {
+                use std::os::unix::ffi::OsStrExt;
+                if let Ok(path) = vdsync_proto::RepoPath::parse(inside.as_os_str().as_bytes()) {
+                    prefixes.push(path);
+                }
+            }
+        }
+    }
+    Ok(vdsync_track::Excludes::new(&patterns, prefixes)?)
+}
+
+fn repo_init(args: RepoInitArgs) -> Result<()> {
+    if !args.from_dir.is_dir() {
+        bail!("--from-dir {} is not a directory", args.from_dir.display());
+    }
+    if args.data.join("versions.redb").exists() {
+        bail!("{} already holds a repository", args.data.display());
+    }
+    if args.data.exists() && std::fs::read_dir(&args.data)?.next().is_some() {
+        bail!("--data {} exists and is not empty", args.data.display());
+    }
+    let excludes = excludes_for(&args.excludes, &args.from_dir, Some(&args.data))?;
+    let index = vdsync_track::scan(&args.from_dir, &excludes, &vdsync_track::Index::default())?;
+    let created_data_dir = !args.data.exists();
+    let result = (|| -> Result<vdsync_proto::wire::VersionInfo> {
+        let repository = vdsync_repo::Repository::open(&args.data)?;
+        let changeset = vdsync_proto::diff(&Default::default(), &index.manifest(), None);
+        store_contents(repository.blobs(), &args.from_dir, &changeset)?;
+        let json = serde_json::to_vec(&changeset)?;
+        let changeset_hash = vdsync_store::put_bytes(repository.blobs(), &json)?;
+        repository.blobs().sync()?;
+        Ok(repository.commit(&vdsync_proto::wire::CommitRequest {
+            parent: None,
+            message: format!("initial tree from {}", args.from_dir.display()),
+            changeset: changeset_hash,
+        })?)
+    })();
+    match result {
+        Ok(info) => {
+            println!(
+                "initialized repository in {}: version 0 with {} files, {} directories, {}",
+                args.data.display(),
+                info.files,
+                info.dirs,
+                output::human_bytes(info.bytes)
+            );
+            Ok(())
+        }
+        Err(err) => {
+            // Bad input changes nothing on disk: take back the half-made repository.
+            if created_data_dir {
+                let _ = std::fs::remove_dir_all(&args.data);
+            } else if let Ok(listing) = std::fs::read_dir(&args.data) {
+                for item in listing.flatten() {
+                    let _ = std::fs::remove_dir_all(item.path()).or_else(|_| std::fs::remove_file(item.path()));
+                }
+            }
+            Err(err)
+        }
+    }
+}
+
+fn store_contents(
+    blobs: &dyn vdsync_store::BlobStore,
+    root: &Path,
+    changeset: &vdsync_proto::Changeset,
+) -> Result<()> {
+    use std::os::unix::ffi::OsStrExt;
+    for item in &changeset.entries {
+        let Some((hash, stored_len)) = item.entry.blob() else {
+            continue;
+        };
+        if blobs.contains(&hash)? {
+            continue;
+        }
+        let full = root.join(std::ffi::OsStr::from_bytes(item.path.as_bytes()));
+        let file = std::fs::File::open(&full).with_context(|| format!("cannot read {}", full.display()))?;
+        let mut reader = vdsync_store::SegmentReader::from_entry(file, &item.entry.kind);
+        let stored = vdsync_store::put_reader(blobs, &mut reader, stored_len)
+            .with_context(|| format!("cannot store {}", full.display()))?;
+        if stored != hash {
+            bail!("{} changed while it was read; run repo init again", full.display());
+        }
+    }
+    Ok(())
+}
+
+fn repo_serve(args: RepoServeArgs) -> Result<()> {
+    if !args.data.join("versions.redb").exists() {
+        bail!(
+            "{} holds no repository; create one with `vdsync repo init --data {} --from-dir TREE`",
+            args.data.display(),
+            args.data.display()
+        );
+    }
+    let repository = Arc::new(vdsync_repo::Repository::open(&args.data)?);
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    runtime.block_on(async move {
+        let listener = tokio::net::TcpListener::bind(&args.listen)
+            .await
+            .with_context(|| format!("cannot listen on {}", args.listen))?;
+        let address = listener.local_addr()?;
+        println!("vdsync repository listening on http://{address}");
+        use std::io::Write;
+        std::io::stdout().flush()?;
+        vdsync_repo::serve(repository, listener).await?;
+        Ok(())
+    })
+}
+
+struct Bar(indicatif::ProgressBar);
+
+impl vdsync_track::Progress for Bar {
+    fn start(&self, total_bytes: u64) {
+        self.0.set_length(total_bytes);
+    }
+    fn advance(&self, bytes: u64) {
+        self.0.inc(bytes);
+    }
+    fn finish(&self) {
+        self.0.finish_and_clear();
+    }
+}
+
+fn push(args: PushArgs) -> Result<()> {
+    use std::io::IsTerminal;
+    if !args.root.is_dir() {
+        bail!("--root {} is not a directory", args.root.display());
+    }
+    let excludes = excludes_for(&args.excludes, &args.root, Some(&args.state))?;
+    let client = vdsync_client::Client::new(&args.repo)?;
+    let progress: Option<Arc<dyn vdsync_track::Progress>> =
+        if std::io::stderr().is_terminal() && !args.json && !args.dry_run {
+            let bar = indicatif::ProgressBar::new(0).with_style(
+                indicatif::ProgressStyle::with_template("{bytes}/{total_bytes} sent {wide_bar} {eta}")
+                    .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+            );
+            Some(Arc::new(Bar(bar)))
+        } else {
+            None
+        };
+    let report = vdsync_track::push(
+        &client,
+        &vdsync_track::PushOptions {
+            root: &args.root,
+            state_dir: &args.state,
+            message: args.message.clone(),
+            dry_run: args.dry_run,
+            excludes: &excludes,
+            progress,
+        },
+    )?;
+    output::print_push(&report, args.dry_run, args.json)
+}
+
+fn agent(args: AgentArgs) -> Result<()> {
+    if !args.root.is_dir() {
+        bail!("--root {} is not a directory", args.root.display());
+    }
+    let name = match args.name {
+        Some(name) => name,
+        None => std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .context("cannot read the host name; pass --name")?
+            .trim()
+            .to_owned(),
+    };
+    let client = vdsync_client::Client::new(&args.repo)?;
+    let summary = vdsync_agent::follow(
+        &client,
+        &vdsync_agent::FollowOptions {
+            root: &args.root,
+            state_dir: &args.state,
+            name: &name,
+            once: args.once,
+            poll_wait: Duration::from_secs(30),
+            retry_after: Duration::from_secs(args.retry_after),
+        },
+    )?;
+    if args.once {
+        match summary.version {
+            Some(version) if summary.applied.is_empty() => println!("up to date at version {version}"),
+            Some(version) => println!(
+                "applied {} version(s); now at version {version}",
+                summary.applied.len()
+            ),
+            None => println!("the repository holds no version yet"),
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,634 @@
+//! `Repository`: the blob store, the version log and the fleet registry of one data
+//! directory, with the rules for accepting a new version.
+//!
+//! Everything here is blocking (file and database I/O); the HTTP layer calls it from
+//! `spawn_blocking`. The only async piece is the head watch channel, which lets
+//! long-polling clients wake the instant a commit lands instead of polling.
+
+use std::collections::BTreeSet;
+use std::io::Read;
+use std::path::Path;
+use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use tokio::sync::watch;
+use tracing::info;
+use vdsync_proto::wire::{AgentInfo, CommitRequest, Hello, Outcome, VersionInfo};
+use vdsync_proto::{Changeset, EntryKind, Hash, Manifest};
+use vdsync_store::{read_blob, BlobStore, LocalBlobStore, StoreError, VersionLog};
+
+use crate::agents::{after_hello, after_report, validate_agent_name};
+use crate::RepoError;
+
+/// The largest changeset blob `commit` will parse. A changeset is JSON held in memory
+/// while it is validated; a whole base image of a few hundred thousand files is tens
+/// of MiB, so this leaves ample room while keeping a hostile blob from exhausting
+/// the server's memory.
+pub const MAX_CHANGESET_BLOB_LEN: u64 = 1 << 30;
+
+/// The repository of one data directory. `Send + Sync`; share it in an `Arc`.
+pub struct Repository {
+    blob_store: LocalBlobStore,
+    version_log: VersionLog,
+    /// Held from the head check to the log commit, so that a changeset is validated
+    /// against the manifest of the version it is committed on top of.
+    commit_lock: Mutex<()>,
+    /// Held across read-modify-write of one agent record, so that a hello and a
+    /// report arriving together cannot drop each other's fields.
+    agents_lock: Mutex<()>,
+    /// The manifest of the highest version computed so far (normally the head):
+    /// folding every changeset from version 0 for each request would grow with the
+    /// age of the repository.
+    manifest_cache: Mutex<Option<CachedManifest>>,
+    /// The head as of the last commit. redb holds an exclusive lock on the database
+    /// file, so no other process can commit behind this channel's back.
+    head_sender: watch::Sender<Option<u64>>,
+    max_blob_len: u64,
+}
+
+struct CachedManifest {
+    version: u64,
+    manifest: Manifest,
+}
+
+impl Repository {
+    /// Opens (creating if needed) the data dir: blobs in DIR (LocalBlobStore::open(DIR)),
+    /// database at DIR/versions.redb.
+    pub fn open(data_dir: &Path) -> Result<Repository, RepoError> {
+        let open_error = |source| RepoError::Open {
+            path: data_dir.to_path_buf(),
+            source,
+        };
+        let blob_store = LocalBlobStore::open(data_dir).map_err(open_error)?;
+        let version_log = VersionLog::open(&data_dir.join("versions.redb")).map_err(open_error)?;
+        let head = version_log.head().map_err(open_error)?;
+        let (head_sender, _) = watch::channel(head);
+        Ok(Repository {
+            blob_store,
+            version_log,
+            commit_lock: Mutex::new(()),
+            agents_lock: Mutex::new(()),
+            manifest_cache: Mutex::new(None),
+            head_sender,
+            max_blob_len: u64::MAX,
+        })
+    }
+
+    /// Sets the largest blob a pack upload may declare; larger ones are refused
+    /// before any of their bytes are stored. Unlimited by default.
+    pub fn with_max_blob_len(mut self, max_blob_len: u64) -> Repository {
+        self.max_blob_len = max_blob_len;
+        self
+    }
+
+    pub fn max_blob_len(&self) -> u64 {
+        self.max_blob_len
+    }
+
+    pub fn blobs(&self) -> &dyn BlobStore {
+        &self.blob_store
+    }
+
+    pub fn head(&self) -> Result<Option<u64>, RepoError> {
+        Ok(self.version_log.head()?)
+    }
+
+    /// A receiver of the head version, updated after every commit.
+    pub fn subscribe_head(&self) -> watch::Receiver<Option<u64>> {
+        self.head_sender.subscribe()
+    }
+
+    /// How many receivers of the head exist right now; each long-poll holds one while
+    /// it waits. Lets tests and diagnostics see that a client is parked.
+    pub fn head_subscribers(&self) -> usize {
+        self.head_sender.receiver_count()
+    }
+
+    pub fn versions(&self) -> Result<Vec<VersionInfo>, RepoError> {
+        Ok(self.version_log.list()?)
+    }
+
+    pub fn version(&self, version: u64) -> Result<VersionInfo, RepoError> {
+        self.version_log
+            .get(version)?
+            .ok_or(RepoError::UnknownVersion(version))
+    }
+
+    /// Validates and records a version (used by HTTP POST /v1/versions and by
+    /// `repo init` directly).
+    pub fn commit(&self, request: &CommitRequest) -> Result<VersionInfo, RepoError> {
+        let changeset_hash = request.changeset;
+        let changeset = self.load_proposed_changeset(&changeset_hash)?;
+        if changeset.parent != request.parent {
+            return Err(RepoError::ParentMismatch {
+                hash: changeset_hash,
+                request_parent: request.parent,
+                changeset_parent: changeset.parent,
+            });
+        }
+        changeset
+            .validate()
+            .map_err(|source| RepoError::InvalidChangeset {
+                hash: changeset_hash,
+                source,
+            })?;
+        // Blobs are never deleted, so checking them before taking the lock is as good
+        // as checking under it, and keeps a slow check from holding up other pushes.
+        self.check_blobs_present(&changeset, &changeset_hash)?;
+
+        let _commit_guard = lock_ignoring_poison(&self.commit_lock);
+        let head = self.version_log.head()?;
+        if head != request.parent {
+            return Err(RepoError::StaleParent {
+                parent: request.parent,
+                head,
+            });
+        }
+        let mut manifest = match request.parent {
+            None => Manifest::default(),
+            Some(parent) => self.manifest(parent)?,
+        };
+        manifest
+            .apply(&changeset)
+            .map_err(|source| RepoError::ChangesetDoesNotApply {
+                hash: changeset_hash,
+                parent: request.parent,
+                source,
+            })?;
+        let mut info = summarize(&changeset, request, now_unix_seconds());
+        // The log re-checks the parent in the same transaction as the insert; with
+        // the lock held it cannot differ, but the log is the authority.
+        info.version = self.version_log.commit(info.clone())?;
+        *lock_ignoring_poison(&self.manifest_cache) = Some(CachedManifest {
+            version: info.version,
+            manifest,
+        });
+        self.head_sender.send_replace(Some(info.version));
+        info!(
+            version = info.version,
+            files = info.files,
+            dirs = info.dirs,
+            deleted = info.deleted,
+            bytes = info.bytes,
+            changeset = %changeset_hash,
+            "committed version {}: {:?}",
+            info.version,
+            info.message
+        );
+        Ok(info)
+    }
+
+    /// Full manifest at `version` (fold changesets 0..=version; cache the latest
+    /// computed one in memory).
+    pub fn manifest(&self, version: u64) -> Result<Manifest, RepoError> {
+        // Refuse an unknown version before folding anything.
+        self.version(version)?;
+        let mut cache = lock_ignoring_poison(&self.manifest_cache);
+        let (mut manifest, first_to_apply) = match cache.as_ref() {
+            Some(cached) if cached.version == version => return Ok(cached.manifest.clone()),
+            Some(cached) if cached.version < version => {
+                (cached.manifest.clone(), cached.version + 1)
+            }
+            _ => (Manifest::default(), 0),
+        };
+        for number in first_to_apply..=version {
+            let changeset = self.changeset(number)?;
+            manifest
+                .apply(&changeset)
+                .map_err(|source| RepoError::StoredChainBroken {
+                    version: number,
+                    parent: changeset.parent,
+                    source,
+                })?;
+        }
+        if cache.as_ref().is_none_or(|cached| cached.version < version) {
+            *cache = Some(CachedManifest {
+                version,
+                manifest: manifest.clone(),
+            });
+        }
+        Ok(manifest)
+    }
+
+    pub fn changeset(&self, version: u64) -> Result<Changeset, RepoError> {
+        let info = self.version(version)?;
+        let bytes = read_blob(&self.blob_store, &info.changeset)
+            .map_err(|source| RepoError::StoredChangesetUnreadable { version, source })?;
+        serde_json::from_slice(&bytes)
+            .map_err(|source| RepoError::StoredChangesetCorrupt { version, source })
+    }
+
+    /// The hashes of `hashes` that are not stored, in request order, each once.
+    pub fn missing_blobs(&self, hashes: &[Hash]) -> Result<Vec<Hash>, RepoError> {
+        let mut seen = BTreeSet::new();
+        let mut missing = Vec::new();
+        for hash in hashes {
+            if seen.insert(*hash) && !self.blob_store.contains(hash)? {
+                missing.push(*hash);
+            }
+        }
+        Ok(missing)
+    }
+
+    /// Records a hello from agent `name`.
+    pub fn record_hello(&self, name: &str, hello: &Hello) -> Result<AgentInfo, RepoError> {
+        validate_agent_name(name)?;
+        let _agents_guard = lock_ignoring_poison(&self.agents_lock);
+        let previous = self.version_log.agent(name)?;
+        let updated = after_hello(previous, name, hello, now_unix_seconds());
+        self.version_log.put_agent(&updated)?;
+        Ok(updated)
+    }
+
+    /// Records the outcome agent `name` reports for a version.
+    pub fn record_report(&self, name: &str, outcome: &Outcome) -> Result<AgentInfo, RepoError> {
+        validate_agent_name(name)?;
+        let _agents_guard = lock_ignoring_poison(&self.agents_lock);
+        let previous = self.version_log.agent(name)?;
+        let updated = after_report(previous, name, outcome, now_unix_seconds());
+        self.version_log.put_agent(&updated)?;
+        Ok(updated)
+    }
+
+    pub fn agents(&self) -> Result<Vec<AgentInfo>, RepoError> {
+        Ok(self.version_log.agents()?)
+    }
+
+    /// Reads and parses a changeset a client proposes, refusing one too large to hold
+    /// in memory before reading it.
+    fn load_proposed_changeset(&self, hash: &Hash) -> Result<Changeset, RepoError> {
+        let not_stored_or_failed = |error: StoreError| match error {
+            StoreError::MissingBlob(hash) => RepoError::ChangesetNotStored(hash),
+            other => RepoError::Store(other),
+        };
+        let mut stored = self
+            .blob_store
+            .open_stored(hash)
+            .map_err(not_stored_or_failed)?;
+        let mut length_prefix = [0u8; 8];
+        stored
+            .read_exact(&mut length_prefix)
+            .map_err(|source| RepoError::Store(StoreError::Stream(source)))?;
+        let len = u64::from_le_bytes(length_prefix);
+        if len > MAX_CHANGESET_BLOB_LEN {
+            return Err(RepoError::ChangesetTooLarge {
+                hash: *hash,
+                len,
+                limit: MAX_CHANGESET_BLOB_LEN,
+            });
+        }
+        drop(stored);
+        let bytes = read_blob(&self.blob_store, hash).map_err(not_stored_or_failed)?;
+        serde_json::from_slice(&bytes).map_err(|source| RepoError::InvalidChangesetJson {
+            hash: *hash,
+            source,
+        })
+    }
+
+    fn check_blobs_present(
+        &self,
+        changeset: &Changeset,
+        changeset_hash: &Hash,
+    ) -> Result<(), RepoError> {
+        let mut already_checked: BTreeSet<Hash> = BTreeSet::new();
+        let mut missing = 0u64;
+        let mut first_missing = None;
+        // Iterating in entry order makes "the first" the first the client would see
+        // in its own changeset, not the smallest hash; each hash is counted once.
+        for (hash, _) in changeset
+            .entries
+            .iter()
+            .filter_map(|item| item.entry.blob())
+        {
+            if !already_checked.insert(hash) {
+                continue;
+            }
+            if !self.blob_store.contains(&hash)? {
+                missing += 1;
+                first_missing.get_or_insert(hash);
+            }
+        }
+        match first_missing {
+            None => Ok(()),
+            Some(first) => Err(RepoError::MissingBlobs {
+                changeset: *changeset_hash,
+                missing,
+                first,
+            }),
+        }
+    }
+}
+
+/// The `VersionInfo` a changeset becomes; `version` is assigned by the log.
+fn summarize(changeset: &Changeset, request: &CommitRequest, time: u64) -> VersionInfo {
+    let dirs = changeset
+        .entries
+        .iter()
+        .filter(|item| item.entry.kind == EntryKind::Dir)
+        .count() as u64;
+    VersionInfo {
+        version: 0,
+        parent: request.parent,
+        time,
+        message: request.message.clone(),
+        files: changeset.file_count(),
+        dirs,
+        deleted: changeset.removed.len() as u64,
+        bytes: changeset.content_bytes(),
+        changeset: request.changeset,
+    }
+}
+
+fn now_unix_seconds() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|since_epoch| since_epoch.as_secs())
+        .unwrap_or(0)
+}
+
+/// The data behind these mutexes stays consistent even if a holder panicked (it is
+/// replaced whole, never left half-written), so a poisoned lock is still usable.
+fn lock_ignoring_poison<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+// Tests fail by panicking; `unwrap` is the clearest way to say "this must work".
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use vdsync_proto::{Entry, Metadata, PathEntry, RepoPath, Timestamp};
+    use vdsync_store::put_bytes;
+
+    fn path(text: &str) -> RepoPath {
+        RepoPath::parse_str(text).unwrap()
+    }
+
+    fn metadata() -> Metadata {
+        Metadata {
+            mode: 0o644,
+            uid: 0,
+            gid: 0,
+            mtime: Timestamp::default(),
+            xattrs: vec![],
+        }
+    }
+
+    fn dir_entry(at: &str) -> PathEntry {
+        PathEntry {
+            path: path(at),
+            entry: Entry {
+                kind: EntryKind::Dir,
+                meta: metadata(),
+            },
+        }
+    }
+
+    fn file_entry(at: &str, content: &[u8]) -> PathEntry {
+        PathEntry {
+            path: path(at),
+            entry: Entry {
+                kind: EntryKind::File {
+                    size: content.len() as u64,
+                    hash: Hash::of(content),
+                    segments: None,
+                },
+                meta: metadata(),
+            },
+        }
+    }
+
+    /// Stores `changeset` as a blob and returns the request that commits it.
+    fn request_for(repo: &Repository, changeset: &Changeset, message: &str) -> CommitRequest {
+        let json = serde_json::to_vec(changeset).unwrap();
+        CommitRequest {
+            parent: changeset.parent,
+            message: message.to_owned(),
+            changeset: put_bytes(repo.blobs(), &json).unwrap(),
+        }
+    }
+
+    fn base_changeset() -> Changeset {
+        Changeset {
+            parent: None,
+            removed: vec![],
+            entries: vec![
+                dir_entry("etc"),
+                file_entry("etc/app.conf", b"port = 80\n"),
+                dir_entry("var"),
+                file_entry("var/data", b"data"),
+            ],
+        }
+    }
+
+    fn second_changeset() -> Changeset {
+        Changeset {
+            parent: Some(0),
+            removed: vec![path("var")],
+            entries: vec![file_entry("etc/app.conf", b"port = 8080\n")],
+        }
+    }
+
+    fn open_with_contents(dir: &Path, contents: &[&[u8]]) -> Repository {
+        let repo = Repository::open(dir).unwrap();
+        for content in contents {
+            put_bytes(repo.blobs(), content).unwrap();
+        }
+        repo
+    }
+
+    #[test]
+    fn commits_chain_and_manifests_fold() {
+        let temp = tempfile::tempdir().unwrap();
+        let repo = open_with_contents(temp.path(), &[b"port = 80\n", b"data", b"port = 8080\n"]);
+        assert_eq!(repo.head().unwrap(), None);
+
+        let first = repo
+            .commit(&request_for(&repo, &base_changeset(), "base"))
+            .unwrap();
+        assert_eq!(
+            (
+                first.version,
+                first.parent,
+                first.files,
+                first.dirs,
+                first.deleted,
+                first.bytes
+            ),
+            (0, None, 2, 2, 0, 14)
+        );
+        let second = repo
+            .commit(&request_for(&repo, &second_changeset(), "edit"))
+            .unwrap();
+        assert_eq!(
+            (
+                second.version,
+                second.parent,
+                second.files,
+                second.dirs,
+                second.deleted
+            ),
+            (1, Some(0), 1, 0, 1)
+        );
+        assert_eq!(second.message, "edit");
+        assert_eq!(repo.head().unwrap(), Some(1));
+        assert_eq!(*repo.subscribe_head().borrow(), Some(1));
+        assert_eq!(repo.changeset(1).unwrap(), second_changeset());
+
+        let shown = |manifest: &Manifest| -> Vec<String> {
+            manifest
+                .entries
+                .keys()
+                .map(|path| path.to_string())
+                .collect()
+        };
+        let head_manifest = repo.manifest(1).unwrap();
+        assert_eq!(shown(&head_manifest), ["etc", "etc/app.conf"]);
+        assert_eq!(
+            shown(&repo.manifest(0).unwrap()),
+            ["etc", "etc/app.conf", "var", "var/data"]
+        );
+        // Asking for an older version must not replace the cached head.
+        assert_eq!(repo.manifest(1).unwrap(), head_manifest);
+        assert!(matches!(
+            repo.manifest(2),
+            Err(RepoError::UnknownVersion(2))
+        ));
+        assert!(matches!(
+            repo.changeset(7),
+            Err(RepoError::UnknownVersion(7))
+        ));
+
+        // A fresh process folds the same manifest from the log.
+        drop(repo);
+        let reopened = Repository::open(temp.path()).unwrap();
+        assert_eq!(reopened.head().unwrap(), Some(1));
+        assert_eq!(reopened.manifest(1).unwrap(), head_manifest);
+        assert_eq!(reopened.versions().unwrap(), vec![first, second]);
+    }
+
+    #[test]
+    fn stale_parent_is_refused_and_changes_nothing() {
+        let temp = tempfile::tempdir().unwrap();
+        let repo = open_with_contents(temp.path(), &[b"port = 80\n", b"data", b"port = 8080\n"]);
+        repo.commit(&request_for(&repo, &base_changeset(), "base"))
+            .unwrap();
+        let request = request_for(&repo, &second_changeset(), "edit");
+        repo.commit(&request).unwrap();
+        let error = repo.commit(&request).unwrap_err();
+        assert!(
+            matches!(
+                error,
+                RepoError::StaleParent {
+                    parent: Some(0),
+                    head: Some(1)
+                }
+            ),
+            "{error}"
+        );
+        assert_eq!(repo.head().unwrap(), Some(1));
+    }
+
+    #[test]
+    fn commit_refuses_bad_changesets() {
+        let temp = tempfile::tempdir().unwrap();
+        let repo = open_with_contents(temp.path(), &[b"data"]);
+
+        // Blobs not uploaded: counted once each, the first in entry order named.
+        let mut missing_content = base_changeset();
+        missing_content
+            .entries
+            .push(file_entry("var/more", b"port = 80\n"));
+        let error = repo
+            .commit(&request_for(&repo, &missing_content, "m"))
+            .unwrap_err();
+        match &error {
+            RepoError::MissingBlobs { missing, first, .. } => {
+                assert_eq!(*missing, 1);
+                assert_eq!(*first, Hash::of(b"port = 80\n"));
+            }
+            other => panic!("expected missing blobs, got {other}"),
+        }
+        assert_eq!(error.status(), axum::http::StatusCode::BAD_REQUEST);
+
+        // The request and the changeset disagree on the parent.
+        let mut request = request_for(&repo, &base_changeset(), "m");
+        request.parent = Some(0);
+        assert!(matches!(
+            repo.commit(&request),
+            Err(RepoError::ParentMismatch { .. })
+        ));
+
+        // Not JSON of a changeset.
+        let not_json = CommitRequest {
+            parent: None,
+            message: "m".into(),
+            changeset: put_bytes(repo.blobs(), b"{\"entries\": 5}").unwrap(),
+        };
+        assert!(matches!(
+            repo.commit(&not_json),
+            Err(RepoError::InvalidChangesetJson { .. })
+        ));
+
+        // Not uploaded at all.
+        let absent = CommitRequest {
+            parent: None,
+            message: "m".into(),
+            changeset: Hash::of(b"never stored"),
+        };
+        assert!(matches!(
+            repo.commit(&absent),
+            Err(RepoError::ChangesetNotStored(_))
+        ));
+
+        // Unsorted entries.
+        let unsorted = Changeset {
+            parent: None,
+            removed: vec![],
+            entries: vec![dir_entry("b"), dir_entry("a")],
+        };
+        assert!(matches!(
+            repo.commit(&request_for(&repo, &unsorted, "m")),
+            Err(RepoError::InvalidChangeset { .. })
+        ));
+
+        // A file whose parent directory does not exist.
+        let orphan = Changeset {
+            parent: None,
+            removed: vec![],
+            entries: vec![file_entry("nodir/data", b"data")],
+        };
+        assert!(matches!(
+            repo.commit(&request_for(&repo, &orphan, "m")),
+            Err(RepoError::ChangesetDoesNotApply { .. })
+        ));
+
+        assert_eq!(repo.head().unwrap(), None);
+        assert!(repo.versions().unwrap().is_empty());
+    }
+
+    #[test]
+    fn missing_blobs_lists_each_absent_hash_once() {
+        let temp = tempfile::tempdir().unwrap();
+        let repo = open_with_contents(temp.path(), &[b"present"]);
+        let absent = Hash::of(b"absent");
+        let asked = [absent, Hash::of(b"present"), absent];
+        assert_eq!(repo.missing_blobs(&asked).unwrap(), vec![absent]);
+    }
+
+    #[test]
+    fn agents_are_recorded() {
+        let temp = tempfile::tempdir().unwrap();
+        let repo = Repository::open(temp.path()).unwrap();
+        repo.record_hello("web-1", &Hello { version: Some(2) })
+            .unwrap();
+        assert!(matches!(
+            repo.record_hello("bad name", &Hello { version: None }),
+            Err(RepoError::InvalidAgentName(_))
+        ));
+        let agents = repo.agents().unwrap();
+        assert_eq!(agents.len(), 1);
+        assert_eq!(agents[0].name, "web-1");
+        assert_eq!(agents[0].version, Some(2));
+    }
+}

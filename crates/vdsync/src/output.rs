@@ -1,0 +1,151 @@
+//! What the commands print: tables for people, JSON for programs.
+
+use anyhow::Result;
+use vdsync_proto::wire::{AgentInfo, OutcomeStatus, VersionInfo};
+use vdsync_proto::EntryKind;
+use vdsync_track::PushReport;
+
+pub fn human_bytes(bytes: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut value = bytes as f64;
+    let mut unit = 0;
+    while value >= 1024.0 && unit < UNITS.len() - 1 {
+        value /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{bytes} B")
+    } else {
+        format!("{value:.1} {}", UNITS[unit])
+    }
+}
+
+fn time(seconds: u64) -> String {
+    humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + std::time::Duration::from_secs(seconds))
+        .to_string()
+}
+
+pub fn print_log(versions: &[VersionInfo], json: bool) -> Result<()> {
+    if json {
+        println!("{}", serde_json::to_string_pretty(versions)?);
+        return Ok(());
+    }
+    if versions.is_empty() {
+        println!("no versions yet");
+        return Ok(());
+    }
+    println!("{:>7}  {:<20}  {:>7}  {:>7}  {:>10}  MESSAGE", "VERSION", "TIME", "FILES", "DELETED", "SIZE");
+    for version in versions.iter().rev() {
+        println!(
+            "{:>7}  {:<20}  {:>7}  {:>7}  {:>10}  {}",
+            version.version,
+            time(version.time),
+            version.files,
+            version.deleted,
+            human_bytes(version.bytes),
+            version.message
+        );
+    }
+    Ok(())
+}
+
+pub fn print_fleet(agents: &[AgentInfo], json: bool) -> Result<()> {
+    if json {
+        println!("{}", serde_json::to_string_pretty(agents)?);
+        return Ok(());
+    }
+    if agents.is_empty() {
+        println!("no agents have registered");
+        return Ok(());
+    }
+    println!("{:<24}  {:>7}  {:<20}  LAST OUTCOME", "NAME", "VERSION", "LAST SEEN");
+    for agent in agents {
+        let outcome = match &agent.last_outcome {
+            None => "-".to_owned(),
+            Some(outcome) => match outcome.status {
+                OutcomeStatus::Applied => format!(
+                    "applied {} ({} files, {} removed, {} ms{}{})",
+                    outcome.version,
+                    outcome.files,
+                    outcome.removed,
+                    outcome.duration_ms,
+                    if outcome.recovered { ", after a crash" } else { "" },
+                    if outcome.warnings.is_empty() {
+                        String::new()
+                    } else {
+                        format!(", {} warnings", outcome.warnings.len())
+                    }
+                ),
+                OutcomeStatus::Failed => format!(
+                    "FAILED {}: {}",
+                    outcome.version,
+                    outcome.error.as_deref().unwrap_or("unknown error")
+                ),
+            },
+        };
+        println!(
+            "{:<24}  {:>7}  {:<20}  {}",
+            agent.name,
+            agent.version.map_or_else(|| "-".to_owned(), |v| v.to_string()),
+            time(agent.last_seen),
+            outcome
+        );
+    }
+    Ok(())
+}
+
+pub fn print_push(report: &PushReport, dry_run: bool, json: bool) -> Result<()> {
+    if json {
+        let value = serde_json::json!({
+            "version": report.version,
+            "parent": report.parent,
+            "files": report.files,
+            "dirs": report.dirs,
+            "deleted": report.deleted,
+            "blobs_sent": report.blobs_sent,
+            "bytes_sent": report.bytes_sent,
+            "dry_run": dry_run,
+        });
+        println!("{value}");
+        return Ok(());
+    }
+    if report.changeset.is_empty() {
+        match report.parent {
+            Some(head) => println!("nothing to push: the tree matches version {head}"),
+            None => println!("nothing to push"),
+        }
+        return Ok(());
+    }
+    if dry_run {
+        println!(
+            "would push {} files, {} directories, {} deletions on top of version {}:",
+            report.files,
+            report.dirs,
+            report.deleted,
+            report.parent.map_or_else(|| "none".to_owned(), |v| v.to_string())
+        );
+        for removed in &report.changeset.removed {
+            println!("  delete  {removed}");
+        }
+        for item in &report.changeset.entries {
+            let detail = match &item.entry.kind {
+                EntryKind::File { size, .. } => format!("file, {}", human_bytes(*size)),
+                EntryKind::Symlink { target } => format!("symlink -> {}", String::from_utf8_lossy(target)),
+                EntryKind::HardLink { target } => format!("hard link to {target}"),
+                other => other.name().to_owned(),
+            };
+            println!("  write   {} ({detail})", item.path);
+        }
+        return Ok(());
+    }
+    if let Some(version) = report.version {
+        println!(
+            "pushed version {version}: {} files, {} directories, {} deletions, {} sent",
+            report.files,
+            report.dirs,
+            report.deleted,
+            human_bytes(report.bytes_sent)
+        );
+    }
+    Ok(())
+}
