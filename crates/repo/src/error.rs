@@ -101,6 +101,8 @@ pub enum RepoError {
     BodyTooLarge { limit: usize },
     #[error("no such endpoint: {0}")]
     NoSuchEndpoint(String),
+    #[error("{method} is not allowed on {path}")]
+    MethodNotAllowed { method: String, path: String },
     #[error("repository storage failed")]
     Store(#[source] StoreError),
     #[error("cannot serialize the response")]
@@ -137,6 +139,7 @@ impl RepoError {
                 _ => StatusCode::BAD_REQUEST,
             },
             RepoError::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            RepoError::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
             RepoError::Open { .. }
             | RepoError::StoredChangesetUnreadable { .. }
             | RepoError::StoredChangesetCorrupt { .. }

@@ -11,7 +11,7 @@ use std::time::Duration;
 use axum::body::Body;
 use axum::extract::rejection::{JsonRejection, PathRejection, QueryRejection};
 use axum::extract::{DefaultBodyLimit, FromRequest, FromRequestParts, Path, Query, Request, State};
-use axum::http::{header, request::Parts, StatusCode, Uri};
+use axum::http::{header, request::Parts, Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
@@ -63,6 +63,7 @@ pub fn router(repo: Arc<Repository>) -> Router {
         .route("/v1/agents/{name}/hello", post(agent_hello))
         .route("/v1/agents/{name}/report", post(agent_report))
         .fallback(no_such_endpoint)
+        .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(JSON_BODY_LIMIT))
         .with_state(repo)
 }
@@ -189,6 +190,13 @@ async fn agent_report(
 
 async fn no_such_endpoint(uri: Uri) -> RepoError {
     RepoError::NoSuchEndpoint(uri.path().to_owned())
+}
+
+async fn method_not_allowed(method: Method, uri: Uri) -> RepoError {
+    RepoError::MethodNotAllowed {
+        method: method.to_string(),
+        path: uri.path().to_owned(),
+    }
 }
 
 fn check_hash_count(hashes: &[Hash]) -> Result<(), RepoError> {

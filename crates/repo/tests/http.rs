@@ -257,6 +257,16 @@ fn commit_chain_zero_then_one() {
     assert_eq!(response.status(), StatusCode::BAD_REQUEST);
     let response = server.get("/v1/nothing/here");
     assert_eq!(response.status(), StatusCode::NOT_FOUND);
+    assert_eq!(
+        error_message(response),
+        "no such endpoint: /v1/nothing/here"
+    );
+    let response = server.get("/v1/blobs/pack");
+    assert_eq!(response.status(), StatusCode::METHOD_NOT_ALLOWED);
+    assert_eq!(
+        error_message(response),
+        "GET is not allowed on /v1/blobs/pack"
+    );
 }
 
 #[test]

@@ -1,1 +1,341 @@
-//! test-support
+//! Fixtures for end-to-end tests: a repository server on port 0, the `vdsync` binary
+//! run as a subprocess, children killed with their process group at teardown,
+//! bounded waits, and an independent description of a tree to compare roots.
+//!
+//! The tree description deliberately does not reuse vdsync's own scanner: a bug
+//! there must not be able to hide itself in the comparison.
+
+use std::collections::BTreeMap;
+use std::ffi::OsStr;
+use std::io::{BufRead, BufReader, Read};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::MetadataExt;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+/// Polls `condition` every 20 ms until it holds; panics naming `what` after `timeout`.
+pub fn wait_until(timeout: Duration, what: &str, mut condition: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !condition() {
+        if Instant::now() > deadline {
+            panic!("timed out after {timeout:?} waiting for {what}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A child process in its own process group, killed (with the group) on drop.
+pub struct GroupChild {
+    pub child: Child,
+}
+
+impl GroupChild {
+    pub fn spawn(command: &mut Command) -> GroupChild {
+        let child = command
+            .process_group(0)
+            .spawn()
+            .unwrap_or_else(|err| panic!("cannot spawn {command:?}: {err}"));
+        GroupChild { child }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// SIGKILL to the whole group, then reap.
+    pub fn kill(&mut self) {
+        if let Some(pid) = rustix::process::Pid::from_raw(self.child.id() as i32) {
+            let _ = rustix::process::kill_process_group(pid, rustix::process::Signal::KILL);
+        }
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for GroupChild {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// The `vdsync` binary under test.
+#[derive(Clone)]
+pub struct Vdsync {
+    pub binary: PathBuf,
+}
+
+impl Vdsync {
+    pub fn new(binary: impl Into<PathBuf>) -> Vdsync {
+        Vdsync {
+            binary: binary.into(),
+        }
+    }
+
+    pub fn command<I, S>(&self, args: I) -> Command
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<OsStr>,
+    {
+        let mut command = Command::new(&self.binary);
+        command.args(args).env("VDSYNC_LOG", "info");
+        command
+    }
+
+    /// Runs to completion and returns the output, whatever the exit status.
+    pub fn output<I, S>(&self, args: I) -> Output
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<OsStr>,
+    {
+        let mut command = self.command(args);
+        command
+            .output()
+            .unwrap_or_else(|err| panic!("cannot run {command:?}: {err}"))
+    }
+
+    /// Runs to completion and panics, showing stderr, unless it exits 0.
+    pub fn ok<I, S>(&self, args: I) -> String
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<OsStr>,
+    {
+        let args: Vec<std::ffi::OsString> = args.into_iter().map(|a| a.as_ref().to_owned()).collect();
+        let output = self.output(&args);
+        assert!(
+            output.status.success(),
+            "vdsync {args:?} failed ({}):\nstdout: {}\nstderr: {}",
+            output.status,
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        );
+        String::from_utf8_lossy(&output.stdout).into_owned()
+    }
+}
+
+/// A repository (`repo init` + `repo serve` on port 0) in a temporary directory.
+pub struct TestRepo {
+    pub url: String,
+    pub data: PathBuf,
+    pub server: GroupChild,
+}
+
+impl TestRepo {
+    /// Initializes a repository from `tree` under `dir/repo` and serves it.
+    pub fn start(vdsync: &Vdsync, dir: &Path, tree: &Path) -> TestRepo {
+        let data = dir.join("repo");
+        vdsync.ok([
+            OsStr::new("repo"),
+            OsStr::new("init"),
+            OsStr::new("--data"),
+            data.as_os_str(),
+            OsStr::new("--from-dir"),
+            tree.as_os_str(),
+        ]);
+        TestRepo::serve(vdsync, &data)
+    }
+
+    /// Serves an existing data directory.
+    pub fn serve(vdsync: &Vdsync, data: &Path) -> TestRepo {
+        let mut command = vdsync.command([
+            OsStr::new("repo"),
+            OsStr::new("serve"),
+            OsStr::new("--data"),
+            data.as_os_str(),
+            OsStr::new("--listen"),
+            OsStr::new("127.0.0.1:0"),
+        ]);
+        command.stdout(Stdio::piped()).stderr(Stdio::null());
+        let mut server = GroupChild::spawn(&mut command);
+        let stdout = server.child.stdout.take().expect("piped stdout");
+        let mut line = String::new();
+        BufReader::new(stdout)
+            .read_line(&mut line)
+            .expect("read the server's first line");
+        let url = line
+            .trim()
+            .rsplit(' ')
+            .next()
+            .filter(|url| url.starts_with("http://"))
+            .unwrap_or_else(|| panic!("unexpected first line from repo serve: {line:?}"))
+            .to_owned();
+        TestRepo {
+            url,
+            data: data.to_path_buf(),
+            server,
+        }
+    }
+}
+
+/// One path of a tree as the tests compare it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Described {
+    pub kind: &'static str,
+    pub mode: u32,
+    pub uid: u32,
+    pub gid: u32,
+    pub mtime: (i64, i64),
+    pub xattrs: Vec<(Vec<u8>, Vec<u8>)>,
+    /// BLAKE3-free digest: the content itself for small files, else its length and
+    /// a simple checksum; the target for symlinks; rdev for devices.
+    pub content: Vec<u8>,
+    /// For files with more than one link: the smallest path sharing the inode.
+    pub link_group: Option<Vec<u8>>,
+}
+
+/// Describes every path under `root` (not `root` itself), skipping `skip` names at
+/// the top level.
+pub fn describe_tree(root: &Path, skip: &[&str]) -> BTreeMap<Vec<u8>, Described> {
+    let mut out = BTreeMap::new();
+    let mut inodes: BTreeMap<u64, Vec<u8>> = BTreeMap::new();
+    walk(root, root, skip, &mut out, &mut inodes);
+    out
+}
+
+fn walk(
+    root: &Path,
+    dir: &Path,
+    skip: &[&str],
+    out: &mut BTreeMap<Vec<u8>, Described>,
+    inodes: &mut BTreeMap<u64, Vec<u8>>,
+) {
+    let mut names: Vec<_> = std::fs::read_dir(dir)
+        .unwrap_or_else(|err| panic!("read_dir {}: {err}", dir.display()))
+        .map(|item| item.expect("dir entry").file_name())
+        .collect();
+    names.sort();
+    for name in names {
+        if dir == root && skip.iter().any(|s| OsStr::new(s) == name) {
+            continue;
+        }
+        let path = dir.join(&name);
+        let relative = path
+            .strip_prefix(root)
+            .expect("below root")
+            .as_os_str()
+            .as_bytes()
+            .to_vec();
+        let meta = std::fs::symlink_metadata(&path).expect("lstat");
+        let file_type = meta.file_type();
+        use std::os::unix::fs::FileTypeExt;
+        let (kind, content) = if file_type.is_dir() {
+            ("dir", Vec::new())
+        } else if file_type.is_symlink() {
+            (
+                "symlink",
+                std::fs::read_link(&path)
+                    .expect("readlink")
+                    .as_os_str()
+                    .as_bytes()
+                    .to_vec(),
+            )
+        } else if file_type.is_file() {
+            ("file", content_digest(&path))
+        } else if file_type.is_fifo() {
+            ("fifo", Vec::new())
+        } else if file_type.is_char_device() {
+            ("char", meta.rdev().to_le_bytes().to_vec())
+        } else if file_type.is_block_device() {
+            ("block", meta.rdev().to_le_bytes().to_vec())
+        } else {
+            ("socket", Vec::new())
+        };
+        let link_group = (file_type.is_file() && meta.nlink() > 1).then(|| {
+            inodes
+                .entry(meta.ino())
+                .or_insert_with(|| relative.clone())
+                .clone()
+        });
+        out.insert(
+            relative,
+            Described {
+                kind,
+                mode: meta.mode() & 0o7777,
+                uid: meta.uid(),
+                gid: meta.gid(),
+                mtime: (meta.mtime(), meta.mtime_nsec()),
+                xattrs: xattrs(&path),
+                content,
+                link_group,
+            },
+        );
+        if file_type.is_dir() {
+            walk(root, &path, skip, out, inodes);
+        }
+    }
+}
+
+fn content_digest(path: &Path) -> Vec<u8> {
+    let mut file = std::fs::File::open(path).expect("open");
+    let mut buffer = vec![0u8; 1 << 20];
+    let mut digest: Vec<u8> = Vec::new();
+    let mut total = 0u64;
+    let mut sum = [0u64; 4];
+    loop {
+        let n = file.read(&mut buffer).expect("read");
+        if n == 0 {
+            break;
+        }
+        if total < 4096 {
+            digest.extend_from_slice(&buffer[..n.min(4096 - total as usize)]);
+        }
+        for (i, byte) in buffer[..n].iter().enumerate() {
+            let position = total + i as u64;
+            sum[(position % 4) as usize] = sum[(position % 4) as usize]
+                .wrapping_mul(31)
+                .wrapping_add(u64::from(*byte) ^ position);
+        }
+        total += n as u64;
+    }
+    digest.extend_from_slice(&total.to_le_bytes());
+    for part in sum {
+        digest.extend_from_slice(&part.to_le_bytes());
+    }
+    digest
+}
+
+fn xattrs(path: &Path) -> Vec<(Vec<u8>, Vec<u8>)> {
+    let mut names = vec![0u8; 64 * 1024];
+    let Ok(len) = rustix::fs::llistxattr(path, &mut names[..]) else {
+        return Vec::new();
+    };
+    names.truncate(len);
+    let mut out = Vec::new();
+    for name in names.split(|&b| b == 0).filter(|n| !n.is_empty()) {
+        let mut value = vec![0u8; 64 * 1024];
+        let got = rustix::fs::lgetxattr(path, OsStr::from_bytes(name), &mut value[..])
+            .expect("lgetxattr");
+        value.truncate(got);
+        out.push((name.to_vec(), value));
+    }
+    out.sort();
+    out
+}
+
+/// Asserts two trees are equal, printing the first differences readably.
+pub fn assert_trees_equal(
+    expected: &BTreeMap<Vec<u8>, Described>,
+    actual: &BTreeMap<Vec<u8>, Described>,
+) {
+    if expected == actual {
+        return;
+    }
+    let mut report = String::new();
+    for (path, want) in expected {
+        match actual.get(path) {
+            None => report.push_str(&format!("missing: {}\n", String::from_utf8_lossy(path))),
+            Some(got) if got != want => report.push_str(&format!(
+                "differs: {}\n  expected {want:?}\n  actual   {got:?}\n",
+                String::from_utf8_lossy(path)
+            )),
+            Some(_) => {}
+        }
+    }
+    for path in actual.keys().filter(|p| !expected.contains_key(*p)) {
+        report.push_str(&format!("unexpected: {}\n", String::from_utf8_lossy(path)));
+    }
+    panic!("trees differ:\n{report}");
+}
+
+/// Tracks whether `Stdio` handles and the like are used; re-exported for tests.
+pub use tempfile::{tempdir, TempDir};
