@@ -261,7 +261,7 @@ pub fn set_mtime(fd: BorrowedFd<'_>, sec: i64, nsec: u32) -> io::Result<()> {
 /// Every extended attribute of the file at `path`, not following a symlink, sorted
 /// by name. File systems without xattr support give an empty list.
 pub fn list_xattrs(path: &Path) -> io::Result<Vec<(Vec<u8>, Vec<u8>)>> {
-    let size = match rustix::fs::llistxattr(path, &mut [] as &mut [u8]) {
+    let size = match rustix::fs::llistxattr_query(path) {
         Ok(size) => size,
         Err(rustix::io::Errno::NOTSUP) => return Ok(Vec::new()),
         Err(err) => return Err(err.into()),
@@ -275,7 +275,7 @@ pub fn list_xattrs(path: &Path) -> io::Result<Vec<(Vec<u8>, Vec<u8>)>> {
     let mut attributes = Vec::new();
     for name in names.split(|&b| b == 0).filter(|n| !n.is_empty()) {
         let name_os = OsStr::from_bytes(name);
-        let value_len = match rustix::fs::lgetxattr(path, name_os, &mut [] as &mut [u8]) {
+        let value_len = match rustix::fs::lgetxattr_query(path, name_os) {
             Ok(len) => len,
             // Removed between list and get.
             Err(rustix::io::Errno::NODATA) => continue,
