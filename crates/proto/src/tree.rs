@@ -267,7 +267,8 @@ impl Manifest {
 ///
 /// A path whose kind changes is simply an entry (the agent replaces whatever is
 /// there); its old children are listed as removed. Hard links whose target is
-/// rewritten are re-sent, because the agent writes the target as a new inode.
+/// rewritten are re-sent, because the agent writes the target as a new inode, and so
+/// is the directory holding each changed or removed name, for its mtime.
 pub fn diff(old: &Manifest, new: &Manifest, parent: Option<u64>) -> Changeset {
     let mut removed: Vec<RepoPath> = Vec::new();
     for path in old.entries.keys() {
@@ -295,6 +296,16 @@ pub fn diff(old: &Manifest, new: &Manifest, parent: Option<u64>) -> Changeset {
         .map(|(path, _)| path)
         .collect();
     changed.extend(relinked);
+    // Placing or removing a name changes its directory's mtime on the machine, so the
+    // directory is re-sent (unchanged) for the agent to set its mtime back.
+    let touched_parents: Vec<&RepoPath> = changed
+        .iter()
+        .copied()
+        .chain(removed.iter())
+        .filter_map(|path| path.parent())
+        .filter_map(|parent| new.entries.get_key_value(&parent).map(|(key, _)| key))
+        .collect();
+    changed.extend(touched_parents);
 
     let entries = changed
         .into_iter()
@@ -413,7 +424,7 @@ mod tests {
             ("d/sub/x", file("x")),
             ("e", file("e")),
         ]);
-        check(&base, &edited, &[], &["d/a"]);
+        check(&base, &edited, &[], &["d", "d/a"]);
     }
 
     #[test]
@@ -421,6 +432,10 @@ mod tests {
         let old = manifest(&[("a", file("1")), ("b", link("a")), ("c", file("c"))]);
         let new = manifest(&[("a", file("2")), ("b", link("a")), ("c", file("c"))]);
         check(&old, &new, &[], &["a", "b"]);
+        // A nested change re-sends its directory, not the directory's parent.
+        let old = manifest(&[("d", dir()), ("d/e", dir()), ("d/e/f", file("1"))]);
+        let new = manifest(&[("d", dir()), ("d/e", dir()), ("d/e/f", file("2"))]);
+        check(&old, &new, &[], &["d/e", "d/e/f"]);
     }
 
     #[test]

@@ -380,27 +380,29 @@ fn a_long_running_agent_applies_a_push_without_polling_delay() {
 #[test]
 fn a_symlink_planted_on_the_machine_cannot_redirect_a_write_outside_the_root() {
     let lab = Lab::new(|dev| {
-        std::fs::create_dir(dev.join("conf")).unwrap();
-        write(&dev.join("conf/a"), "a");
+        std::fs::create_dir_all(dev.join("conf/sub")).unwrap();
+        write(&dev.join("conf/sub/a"), "a");
     });
     lab.agent_once("victim");
+    // Someone on the machine replaces conf with a symlink to a directory outside the
+    // root that has the same shape, so a resolver that followed it would succeed.
     let outside = lab.dir.join("outside");
-    std::fs::create_dir(&outside).unwrap();
+    std::fs::create_dir_all(outside.join("sub")).unwrap();
     let root = lab.root_of("victim");
     std::fs::remove_dir_all(root.join("conf")).unwrap();
     std::os::unix::fs::symlink(&outside, root.join("conf")).unwrap();
 
-    // Only conf/a changes, so the version does not touch the directory itself.
-    let conf = lab.dev.join("conf");
-    let before = std::fs::metadata(&conf).unwrap().modified().unwrap();
-    write(&lab.dev.join("conf/a"), "changed");
-    assert_eq!(std::fs::metadata(&conf).unwrap().modified().unwrap(), before);
-    lab.push("write through conf");
+    write(&lab.dev.join("conf/sub/a"), "changed");
+    lab.push("write below conf");
     let output = lab.vdsync.output(lab.agent_args("victim"));
     assert_eq!(output.status.code(), Some(1));
     let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(stderr.contains("conf/a"), "{stderr}");
-    assert_eq!(std::fs::read_dir(&outside).unwrap().count(), 0, "wrote outside the root");
+    assert!(stderr.contains("conf/sub"), "{stderr}");
+    assert_eq!(
+        std::fs::read_dir(outside.join("sub")).unwrap().count(),
+        0,
+        "wrote outside the root"
+    );
 }
 
 #[test]
