@@ -89,7 +89,10 @@ pub struct Applier {
     work_dir: PathBuf,
 }
 
-fn io_at(path: impl Into<PathBuf>, operation: &'static str) -> impl FnOnce(io::Error) -> ApplyError {
+fn io_at(
+    path: impl Into<PathBuf>,
+    operation: &'static str,
+) -> impl FnOnce(io::Error) -> ApplyError {
     let path = path.into();
     move |source| ApplyError::Io {
         path,
@@ -108,7 +111,9 @@ fn tree_io(path: &RepoPath, operation: &'static str) -> impl FnOnce(io::Error) -
 }
 
 fn parent_bytes(path: &RepoPath) -> Vec<u8> {
-    path.parent().map(|p| p.as_bytes().to_vec()).unwrap_or_default()
+    path.parent()
+        .map(|p| p.as_bytes().to_vec())
+        .unwrap_or_default()
 }
 
 fn stage_name(index: usize) -> Vec<u8> {
@@ -170,10 +175,12 @@ impl Applier {
     pub fn recover(&self) -> Result<Option<Applied>, ApplyError> {
         let path = self.journal_path();
         let journal: Journal = match std::fs::read(&path) {
-            Ok(bytes) => serde_json::from_slice(&bytes).map_err(|err| ApplyError::CorruptState {
-                path: path.clone(),
-                message: err.to_string(),
-            })?,
+            Ok(bytes) => {
+                serde_json::from_slice(&bytes).map_err(|err| ApplyError::CorruptState {
+                    path: path.clone(),
+                    message: err.to_string(),
+                })?
+            }
             Err(err) if err.kind() == io::ErrorKind::NotFound => {
                 // No commit point reached: leftovers of a staging phase are junk.
                 self.discard_leftovers()?;
@@ -210,7 +217,9 @@ impl Applier {
         blobs: &dyn BlobSource,
     ) -> Result<Applied, ApplyError> {
         let started = Instant::now();
-        changeset.validate().map_err(|source| ApplyError::InvalidChangeset { version, source })?;
+        changeset
+            .validate()
+            .map_err(|source| ApplyError::InvalidChangeset { version, source })?;
         self.discard_leftovers()?;
         let stage = self.work_dir.join(format!("stage-{version}"));
         std::fs::create_dir_all(&stage).map_err(io_at(&stage, "create"))?;
@@ -279,7 +288,8 @@ impl Applier {
                 write_content(&mut file, &first_entry.kind, content)?;
                 finish_file(&file, &first_entry.meta)?;
                 for &other in &users[1..] {
-                    let mut source = File::open(stage.join(String::from_utf8_lossy(&name).as_ref()))?;
+                    let mut source =
+                        File::open(stage.join(String::from_utf8_lossy(&name).as_ref()))?;
                     let mut copy = vdsync_sys::create_file_at(stage_fd, &stage_name(other))?;
                     let mut runs = SegmentReader::from_entry(&mut source, &first_entry.kind);
                     write_content(&mut copy, &changeset.entries[other].entry.kind, &mut runs)?;
@@ -291,7 +301,9 @@ impl Applier {
             Ok(())
         };
         for (hash, stored) in &order {
-            if !batch.is_empty() && (batch_bytes + stored > FETCH_BYTES || batch.len() >= FETCH_BLOBS) {
+            if !batch.is_empty()
+                && (batch_bytes + stored > FETCH_BYTES || batch.len() >= FETCH_BLOBS)
+            {
                 flush(&mut batch)?;
                 batch_bytes = 0;
             }
@@ -365,16 +377,27 @@ impl Applier {
         std::fs::create_dir_all(&trash).map_err(io_at(&trash, "create"))?;
         let trash_dir = File::open(&trash).map_err(io_at(&trash, "open"))?;
         let mut trash_counter = 0usize;
-        let mut discard = |dir: BorrowedFd<'_>, name: &[u8], path: &RepoPath| -> Result<(), ApplyError> {
+        let mut discard = |dir: BorrowedFd<'_>,
+                           name: &[u8],
+                           path: &RepoPath|
+         -> Result<(), ApplyError> {
             trash_counter += 1;
             let trash_name = format!("{}-{trash_counter}", journal.version).into_bytes();
             match vdsync_sys::rename_at(dir, name, trash_dir.as_fd(), &trash_name) {
                 Ok(()) => Ok(()),
-                Err(err) if err.raw_os_error() == Some(rustix::io::Errno::NOENT.raw_os_error()) => Ok(()),
-                Err(err) if err.raw_os_error() == Some(rustix::io::Errno::NOTDIR.raw_os_error()) => Ok(()),
+                Err(err) if err.raw_os_error() == Some(rustix::io::Errno::NOENT.raw_os_error()) => {
+                    Ok(())
+                }
+                Err(err)
+                    if err.raw_os_error() == Some(rustix::io::Errno::NOTDIR.raw_os_error()) =>
+                {
+                    Ok(())
+                }
                 // Another file system mounted inside the tree: delete in place.
                 Err(err) if err.raw_os_error() == Some(rustix::io::Errno::XDEV.raw_os_error()) => {
-                    vdsync_sys::remove_at(dir, name).map(|_| ()).map_err(tree_io(path, "remove"))
+                    vdsync_sys::remove_at(dir, name)
+                        .map(|_| ())
+                        .map_err(tree_io(path, "remove"))
                 }
                 Err(err) => Err(tree_io(path, "remove")(err)),
             }
@@ -384,7 +407,9 @@ impl Applier {
             let parent = match self.root.open_dir(&parent_bytes(removed)) {
                 Ok(parent) => parent,
                 // The parent is gone or is no longer a directory: so is the path.
-                Err(err) if matches!(err.raw_os_error(), Some(code) if code == rustix::io::Errno::NOENT.raw_os_error() || code == rustix::io::Errno::NOTDIR.raw_os_error()) => continue,
+                Err(err) if matches!(err.raw_os_error(), Some(code) if code == rustix::io::Errno::NOENT.raw_os_error() || code == rustix::io::Errno::NOTDIR.raw_os_error()) => {
+                    continue
+                }
                 Err(err) => return Err(tree_io(removed, "open parent")(err)),
             };
             discard(parent.as_fd(), removed.file_name(), removed)?;
@@ -405,12 +430,16 @@ impl Applier {
                     Some(stat) if vdsync_sys::is_dir(stat) => {}
                     Some(_) => {
                         discard(parent_fd, leaf, path)?;
-                        vdsync_sys::mkdir_at(parent_fd, leaf, 0o700).map_err(tree_io(path, "mkdir"))?;
+                        vdsync_sys::mkdir_at(parent_fd, leaf, 0o700)
+                            .map_err(tree_io(path, "mkdir"))?;
                     }
-                    None => vdsync_sys::mkdir_at(parent_fd, leaf, 0o700).map_err(tree_io(path, "mkdir"))?,
+                    None => vdsync_sys::mkdir_at(parent_fd, leaf, 0o700)
+                        .map_err(tree_io(path, "mkdir"))?,
                 }
-                let dir = vdsync_sys::open_child_dir(parent_fd, leaf).map_err(tree_io(path, "open"))?;
-                apply_dir_metadata(dir.as_fd(), &item.entry.meta).map_err(tree_io(path, "set metadata"))?;
+                let dir =
+                    vdsync_sys::open_child_dir(parent_fd, leaf).map_err(tree_io(path, "open"))?;
+                apply_dir_metadata(dir.as_fd(), &item.entry.meta)
+                    .map_err(tree_io(path, "set metadata"))?;
                 continue;
             }
             if item.entry.kind == EntryKind::Socket {
@@ -429,7 +458,8 @@ impl Applier {
                 // A directory becomes a non-directory; its old children were removed above.
                 discard(parent_fd, leaf, path)?;
             }
-            vdsync_sys::rename_at(stage_fd, &name, parent_fd, leaf).map_err(tree_io(path, "rename into place"))?;
+            vdsync_sys::rename_at(stage_fd, &name, parent_fd, leaf)
+                .map_err(tree_io(path, "rename into place"))?;
         }
 
         // Directory times last: placing children changes them.
@@ -440,14 +470,22 @@ impl Applier {
                     .open_dir(&parent_bytes(&item.path))
                     .map_err(tree_io(&item.path, "open parent"))?;
                 let mtime = item.entry.meta.mtime;
-                vdsync_sys::set_mtime_at(parent.as_fd(), item.path.file_name(), mtime.sec, mtime.nsec)
-                    .map_err(tree_io(&item.path, "set mtime"))?;
+                vdsync_sys::set_mtime_at(
+                    parent.as_fd(),
+                    item.path.file_name(),
+                    mtime.sec,
+                    mtime.nsec,
+                )
+                .map_err(tree_io(&item.path, "set mtime"))?;
             }
         }
 
         vdsync_sys::syncfs(self.root.fd()).map_err(io_at(self.root.path(), "syncfs"))?;
-        vdsync_sys::write_atomic(&self.applied_path(), format!("{}\n", journal.version).as_bytes())
-            .map_err(io_at(self.applied_path(), "write"))?;
+        vdsync_sys::write_atomic(
+            &self.applied_path(),
+            format!("{}\n", journal.version).as_bytes(),
+        )
+        .map_err(io_at(self.applied_path(), "write"))?;
         std::fs::remove_file(self.journal_path()).map_err(io_at(self.journal_path(), "remove"))?;
         vdsync_sys::fsync_dir(&self.state_dir).map_err(io_at(&self.state_dir, "fsync"))?;
         // Cleanup is not part of the version: a crash here leaves only leftovers.
@@ -477,7 +515,10 @@ fn write_content(file: &mut File, kind: &EntryKind, content: &mut dyn Read) -> i
         None => {
             let copied = io::copy(&mut (&mut *content).take(*size), &mut writer)?;
             if copied != *size {
-                return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "blob shorter than the file"));
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "blob shorter than the file",
+                ));
             }
         }
         Some(segments) => {
@@ -485,7 +526,10 @@ fn write_content(file: &mut File, kind: &EntryKind, content: &mut dyn Read) -> i
                 writer.seek(SeekFrom::Start(segment.offset))?;
                 let copied = io::copy(&mut (&mut *content).take(segment.len), &mut writer)?;
                 if copied != segment.len {
-                    return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "blob shorter than the file's data runs"));
+                    return Err(io::Error::new(
+                        io::ErrorKind::UnexpectedEof,
+                        "blob shorter than the file's data runs",
+                    ));
                 }
             }
         }

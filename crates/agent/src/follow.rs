@@ -60,7 +60,10 @@ pub fn follow(client: &Client, options: &FollowOptions<'_>) -> Result<FollowSumm
     let applier = Applier::open(options.root, options.state_dir)?;
     let mut summary = FollowSummary::default();
     if let Some(recovered) = applier.recover()? {
-        tracing::info!(version = recovered.version, "finished a version interrupted by a crash");
+        tracing::info!(
+            version = recovered.version,
+            "finished a version interrupted by a crash"
+        );
         report(client, options.name, &outcome_of(&recovered));
         summary.applied.push(recovered);
     }
@@ -84,7 +87,13 @@ pub fn follow(client: &Client, options: &FollowOptions<'_>) -> Result<FollowSumm
             let version = current.map_or(0, |v| v + 1);
             match apply_one(client, &applier, version, current) {
                 Ok(applied) => {
-                    tracing::info!(version, files = applied.files, removed = applied.removed, ms = applied.duration_ms, "applied");
+                    tracing::info!(
+                        version,
+                        files = applied.files,
+                        removed = applied.removed,
+                        ms = applied.duration_ms,
+                        "applied"
+                    );
                     report(client, options.name, &outcome_of(&applied));
                     summary.applied.push(applied);
                     current = Some(version);

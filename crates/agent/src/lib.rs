@@ -57,8 +57,10 @@ impl BlobSource for vdsync_client::Client {
         hashes: &[vdsync_proto::Hash],
         sink: &mut dyn FnMut(vdsync_proto::Hash, &mut dyn std::io::Read) -> std::io::Result<()>,
     ) -> Result<u64, ApplyError> {
-        Ok(vdsync_client::Client::fetch(self, hashes, &mut |header, content| {
-            sink(header.hash, content)
-        })?)
+        Ok(vdsync_client::Client::fetch(
+            self,
+            hashes,
+            &mut |header, content| sink(header.hash, content),
+        )?)
     }
 }

@@ -116,9 +116,15 @@ impl Client {
         response.json().map_err(ClientError::Decode)
     }
 
-    fn post<B: Serialize, T: DeserializeOwned>(&self, path: &str, body: &B) -> Result<T, ClientError> {
+    fn post<B: Serialize, T: DeserializeOwned>(
+        &self,
+        path: &str,
+        body: &B,
+    ) -> Result<T, ClientError> {
         let request = self.http.post(format!("{}{path}", self.base)).json(body);
-        self.send(request, path)?.json().map_err(ClientError::Decode)
+        self.send(request, path)?
+            .json()
+            .map_err(ClientError::Decode)
     }
 
     fn post_no_answer<B: Serialize>(&self, path: &str, body: &B) -> Result<(), ClientError> {
@@ -132,7 +138,11 @@ impl Client {
 
     /// Waits (server side, without polling) until the head passes `after`, or
     /// `wait` elapses; returns the head either way.
-    pub fn wait_head(&self, after: Option<u64>, wait: Duration) -> Result<Option<u64>, ClientError> {
+    pub fn wait_head(
+        &self,
+        after: Option<u64>,
+        wait: Duration,
+    ) -> Result<Option<u64>, ClientError> {
         let path = match after {
             Some(after) => format!("/v1/head?after={after}&wait_ms={}", wait.as_millis()),
             None => format!("/v1/head?wait_ms={}", wait.as_millis()),
@@ -219,7 +229,9 @@ impl Client {
         };
         let mut input = BufReader::with_capacity(256 * 1024, &mut counted);
         let mut received = 0usize;
-        while let Some(header) = vdsync_store::read_pack_header(&mut input).map_err(ClientError::Blob)? {
+        while let Some(header) =
+            vdsync_store::read_pack_header(&mut input).map_err(ClientError::Blob)?
+        {
             if hashes.get(received) != Some(&header.hash) {
                 return Err(ClientError::Blob(StoreError::MissingBlob(
                     hashes.get(received).copied().unwrap_or(header.hash),
@@ -298,8 +310,7 @@ impl PackReader {
                 return Ok(0);
             };
             let content = (item.open)()?;
-            let mut encoder =
-                zstd::stream::read::Encoder::new(content, vdsync_store::ZSTD_LEVEL)?;
+            let mut encoder = zstd::stream::read::Encoder::new(content, vdsync_store::ZSTD_LEVEL)?;
             encoder.set_pledged_src_size(Some(item.len))?;
             self.current = Some(encoder);
             let header = PackHeader {

@@ -66,10 +66,16 @@ pub enum EntryKind {
     },
     /// Another name for the regular file at `target` (same inode). The metadata of
     /// a hard link entry is the target's.
-    HardLink { target: RepoPath },
+    HardLink {
+        target: RepoPath,
+    },
     Fifo,
-    CharDevice { rdev: u64 },
-    BlockDevice { rdev: u64 },
+    CharDevice {
+        rdev: u64,
+    },
+    BlockDevice {
+        rdev: u64,
+    },
     /// Recorded so that it is reported; a socket has no content to recreate.
     Socket,
 }
@@ -156,7 +162,9 @@ pub enum ChangesetError {
     RemovedNotMinimal(RepoPath),
     #[error("{removed} is removed but {entry} is an entry at or below it")]
     RemovedOverlapsEntry { removed: RepoPath, entry: RepoPath },
-    #[error("hard link {link} points at {target}, which is not a regular file entry sorted before it")]
+    #[error(
+        "hard link {link} points at {target}, which is not a regular file entry sorted before it"
+    )]
     BadHardLink { link: RepoPath, target: RepoPath },
     #[error("{0} is an entry but its parent is not a directory in the tree")]
     NoParent(RepoPath),
@@ -401,21 +409,11 @@ mod tests {
         // Nothing changed.
         check(&base, &base, &[], &[]);
         // A non-empty directory deleted: only its top is listed.
-        check(
-            &base,
-            &manifest(&[("e", file("e"))]),
-            &["d"],
-            &[],
-        );
+        check(&base, &manifest(&[("e", file("e"))]), &["d"], &[]);
         // A directory replaced by a file, and back.
         let replaced = manifest(&[("d", file("now a file")), ("e", file("e"))]);
         check(&base, &replaced, &["d/a", "d/sub"], &["d"]);
-        check(
-            &replaced,
-            &base,
-            &[],
-            &["d", "d/a", "d/sub", "d/sub/x"],
-        );
+        check(&replaced, &base, &[], &["d", "d/a", "d/sub", "d/sub/x"]);
         // Content change.
         let edited = manifest(&[
             ("d", dir()),

@@ -83,9 +83,7 @@ impl BlobStore for LocalBlobStore {
 
     fn create(&self) -> Result<Box<dyn BlobWriter>, StoreError> {
         let number = self.counter.fetch_add(1, Ordering::Relaxed);
-        let path = self
-            .temp
-            .join(format!("{}-{number}", std::process::id()));
+        let path = self.temp.join(format!("{}-{number}", std::process::id()));
         let file = File::create(&path).map_err(|source| StoreError::Io {
             path: path.clone(),
             source,
@@ -178,7 +176,9 @@ pub fn put_reader(
             }
             hasher.update(&buffer[..n]);
             counted += n as u64;
-            encoder.write_all(&buffer[..n]).map_err(StoreError::Stream)?;
+            encoder
+                .write_all(&buffer[..n])
+                .map_err(StoreError::Stream)?;
         }
         encoder.finish().map_err(StoreError::Stream)?;
     }
@@ -354,9 +354,7 @@ pub fn ingest_pack(
             return Ok(stored);
         }
         let mut header = [0u8; PACK_HEADER_LEN];
-        input
-            .read_exact(&mut header)
-            .map_err(StoreError::Stream)?;
+        input.read_exact(&mut header).map_err(StoreError::Stream)?;
         let header = PackHeader::decode(&header);
         if header.len > max_blob_len {
             return Err(StoreError::TooLarge {
@@ -405,9 +403,7 @@ pub fn read_pack_header(input: &mut dyn BufRead) -> Result<Option<PackHeader>, S
         return Ok(None);
     }
     let mut header = [0u8; PACK_HEADER_LEN];
-    input
-        .read_exact(&mut header)
-        .map_err(StoreError::Stream)?;
+    input.read_exact(&mut header).map_err(StoreError::Stream)?;
     Ok(Some(PackHeader::decode(&header)))
 }
 
@@ -463,7 +459,10 @@ mod tests {
         assert!(matches!(err, StoreError::HashMismatch { .. }), "{err}");
         assert!(!store.contains(&Hash::of(b"other")).unwrap());
         assert!(!store.contains(&Hash::of(b"honest")).unwrap());
-        assert_eq!(std::fs::read_dir(temp.path().join("tmp")).unwrap().count(), 0);
+        assert_eq!(
+            std::fs::read_dir(temp.path().join("tmp")).unwrap().count(),
+            0
+        );
 
         let mut short = record(b"twelve bytes");
         short[32..40].copy_from_slice(&5u64.to_le_bytes());

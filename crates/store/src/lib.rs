@@ -12,12 +12,12 @@ mod versions;
 use std::path::PathBuf;
 
 pub use blobs::{
-    decode_frame, ingest_pack, put_bytes, put_reader, read_blob, read_frame, read_pack_header, write_pack,
-    BlobStore, BlobWriter, HashingReader, LocalBlobStore, ZSTD_LEVEL,
+    decode_frame, ingest_pack, put_bytes, put_reader, read_blob, read_frame, read_pack_header,
+    write_pack, BlobStore, BlobWriter, HashingReader, LocalBlobStore, ZSTD_LEVEL,
 };
 pub use segments::SegmentReader;
-pub use versions::VersionLog;
 use vdsync_proto::Hash;
+pub use versions::VersionLog;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {

@@ -67,4 +67,3 @@ impl<F: Read + Seek> Read for SegmentReader<F> {
         Ok(0)
     }
 }
-

@@ -112,6 +112,10 @@ mod tests {
     #[test]
     fn bad_pattern_is_a_clear_error() {
         let err = Excludes::new(&["a[".to_owned()], vec![]).err().unwrap();
-        assert!(err.to_string().starts_with("invalid exclude pattern \"a[\""), "{err}");
+        assert!(
+            err.to_string()
+                .starts_with("invalid exclude pattern \"a[\""),
+            "{err}"
+        );
     }
 }

@@ -11,7 +11,7 @@ pub mod scan;
 use std::path::PathBuf;
 
 pub use excludes::{Excludes, DEFAULT_EXCLUDES};
-pub use push::{push, PushOptions, PushReport, Progress};
+pub use push::{push, Progress, PushOptions, PushReport};
 pub use scan::{scan, Index};
 use vdsync_proto::RepoPath;
 

@@ -202,7 +202,9 @@ fn upload_batch(
         .iter()
         .map(|hash| {
             let (path, kind, len) = sources[hash].clone();
-            let full = options.root.join(std::ffi::OsStr::from_bytes(path.as_bytes()));
+            let full = options
+                .root
+                .join(std::ffi::OsStr::from_bytes(path.as_bytes()));
             UploadItem {
                 hash: *hash,
                 len,
@@ -228,7 +230,9 @@ fn upload_batch(
             // repository refuses it. Say so (and push again) rather than fail.
             for hash in batch {
                 let (path, kind, _) = &sources[hash];
-                let full = options.root.join(std::ffi::OsStr::from_bytes(path.as_bytes()));
+                let full = options
+                    .root
+                    .join(std::ffi::OsStr::from_bytes(path.as_bytes()));
                 let now = hash_file(&full).ok();
                 let still_same = matches!(
                     (&now, kind),

@@ -15,7 +15,9 @@ use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
-use vdsync_proto::{Entry, EntryKind, Hash, Manifest, Metadata, RepoPath, Segment, Timestamp, Xattr};
+use vdsync_proto::{
+    Entry, EntryKind, Hash, Manifest, Metadata, RepoPath, Segment, Timestamp, Xattr,
+};
 
 use vdsync_store::SegmentReader;
 
@@ -96,12 +98,14 @@ impl Index {
 
     pub fn load(path: &Path) -> Result<Option<Index>, TrackError> {
         match std::fs::read(path) {
-            Ok(bytes) => serde_json::from_slice(&bytes)
-                .map(Some)
-                .map_err(|err| TrackError::CorruptState {
-                    path: path.to_path_buf(),
-                    message: err.to_string(),
-                }),
+            Ok(bytes) => {
+                serde_json::from_slice(&bytes)
+                    .map(Some)
+                    .map_err(|err| TrackError::CorruptState {
+                        path: path.to_path_buf(),
+                        message: err.to_string(),
+                    })
+            }
             Err(err) if err.kind() == io::ErrorKind::NotFound => Ok(None),
             Err(source) => Err(TrackError::Io {
                 path: path.to_path_buf(),
@@ -129,8 +133,11 @@ const HASH_ATTEMPTS: usize = 5;
 /// Reads the tree under `root` (excluding `excludes`), reusing hashes from
 /// `previous` where the stat key matches.
 pub fn scan(root: &Path, excludes: &Excludes, previous: &Index) -> Result<Index, TrackError> {
-    let known: HashMap<&RepoPath, &IndexEntry> =
-        previous.entries.iter().map(|item| (&item.path, item)).collect();
+    let known: HashMap<&RepoPath, &IndexEntry> = previous
+        .entries
+        .iter()
+        .map(|item| (&item.path, item))
+        .collect();
     let mut scanner = Scanner {
         root,
         excludes,

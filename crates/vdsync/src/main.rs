@@ -195,7 +195,11 @@ fn run(cli: Cli) -> Result<()> {
     }
 }
 
-fn excludes_for(args: &ExcludeArgs, root: &Path, state: Option<&Path>) -> Result<vdsync_track::Excludes> {
+fn excludes_for(
+    args: &ExcludeArgs,
+    root: &Path,
+    state: Option<&Path>,
+) -> Result<vdsync_track::Excludes> {
     let mut patterns = if args.no_default_excludes {
         Vec::new()
     } else {
@@ -205,7 +209,8 @@ fn excludes_for(args: &ExcludeArgs, root: &Path, state: Option<&Path>) -> Result
     // The pusher's own state is never shipped, wherever it lives.
     let mut prefixes = Vec::new();
     if let Some(state) = state {
-        let root = std::fs::canonicalize(root).with_context(|| format!("cannot open {}", root.display()))?;
+        let root = std::fs::canonicalize(root)
+            .with_context(|| format!("cannot open {}", root.display()))?;
         if let Ok(state) = std::fs::canonicalize(state) {
             if let Ok(inside) = state.strip_prefix(&root) {
                 use std::os::unix::ffi::OsStrExt;
@@ -261,7 +266,8 @@ fn repo_init(args: RepoInitArgs) -> Result<()> {
                 let _ = std::fs::remove_dir_all(&args.data);
             } else if let Ok(listing) = std::fs::read_dir(&args.data) {
                 for item in listing.flatten() {
-                    let _ = std::fs::remove_dir_all(item.path()).or_else(|_| std::fs::remove_file(item.path()));
+                    let _ = std::fs::remove_dir_all(item.path())
+                        .or_else(|_| std::fs::remove_file(item.path()));
                 }
             }
             Err(err)
@@ -283,12 +289,16 @@ fn store_contents(
             continue;
         }
         let full = root.join(std::ffi::OsStr::from_bytes(item.path.as_bytes()));
-        let file = std::fs::File::open(&full).with_context(|| format!("cannot read {}", full.display()))?;
+        let file = std::fs::File::open(&full)
+            .with_context(|| format!("cannot read {}", full.display()))?;
         let mut reader = vdsync_store::SegmentReader::from_entry(file, &item.entry.kind);
         let stored = vdsync_store::put_reader(blobs, &mut reader, stored_len)
             .with_context(|| format!("cannot store {}", full.display()))?;
         if stored != hash {
-            bail!("{} changed while it was read; run repo init again", full.display());
+            bail!(
+                "{} changed while it was read; run repo init again",
+                full.display()
+            );
         }
     }
     Ok(())
@@ -341,16 +351,18 @@ fn push(args: PushArgs) -> Result<()> {
     }
     let excludes = excludes_for(&args.excludes, &args.root, Some(&args.state))?;
     let client = vdsync_client::Client::new(&args.repo)?;
-    let progress: Option<Arc<dyn vdsync_track::Progress>> =
-        if std::io::stderr().is_terminal() && !args.json && !args.dry_run {
-            let bar = indicatif::ProgressBar::new(0).with_style(
-                indicatif::ProgressStyle::with_template("{bytes}/{total_bytes} sent {wide_bar} {eta}")
-                    .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
-            );
-            Some(Arc::new(Bar(bar)))
-        } else {
-            None
-        };
+    let progress: Option<Arc<dyn vdsync_track::Progress>> = if std::io::stderr().is_terminal()
+        && !args.json
+        && !args.dry_run
+    {
+        let bar = indicatif::ProgressBar::new(0).with_style(
+            indicatif::ProgressStyle::with_template("{bytes}/{total_bytes} sent {wide_bar} {eta}")
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+        );
+        Some(Arc::new(Bar(bar)))
+    } else {
+        None
+    };
     let report = vdsync_track::push(
         &client,
         &vdsync_track::PushOptions {
@@ -390,7 +402,9 @@ fn agent(args: AgentArgs) -> Result<()> {
     )?;
     if args.once {
         match summary.version {
-            Some(version) if summary.applied.is_empty() => println!("up to date at version {version}"),
+            Some(version) if summary.applied.is_empty() => {
+                println!("up to date at version {version}")
+            }
             Some(version) => println!(
                 "applied {} version(s); now at version {version}",
                 summary.applied.len()

@@ -21,8 +21,10 @@ pub fn human_bytes(bytes: u64) -> String {
 }
 
 fn time(seconds: u64) -> String {
-    humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + std::time::Duration::from_secs(seconds))
-        .to_string()
+    humantime::format_rfc3339_seconds(
+        std::time::UNIX_EPOCH + std::time::Duration::from_secs(seconds),
+    )
+    .to_string()
 }
 
 pub fn print_log(versions: &[VersionInfo], json: bool) -> Result<()> {
@@ -34,7 +36,10 @@ pub fn print_log(versions: &[VersionInfo], json: bool) -> Result<()> {
         println!("no versions yet");
         return Ok(());
     }
-    println!("{:>7}  {:<20}  {:>7}  {:>7}  {:>10}  MESSAGE", "VERSION", "TIME", "FILES", "DELETED", "SIZE");
+    println!(
+        "{:>7}  {:<20}  {:>7}  {:>7}  {:>10}  MESSAGE",
+        "VERSION", "TIME", "FILES", "DELETED", "SIZE"
+    );
     for version in versions.iter().rev() {
         println!(
             "{:>7}  {:<20}  {:>7}  {:>7}  {:>10}  {}",
@@ -58,7 +63,10 @@ pub fn print_fleet(agents: &[AgentInfo], json: bool) -> Result<()> {
         println!("no agents have registered");
         return Ok(());
     }
-    println!("{:<24}  {:>7}  {:<20}  LAST OUTCOME", "NAME", "VERSION", "LAST SEEN");
+    println!(
+        "{:<24}  {:>7}  {:<20}  LAST OUTCOME",
+        "NAME", "VERSION", "LAST SEEN"
+    );
     for agent in agents {
         let outcome = match &agent.last_outcome {
             None => "-".to_owned(),
@@ -69,7 +77,11 @@ pub fn print_fleet(agents: &[AgentInfo], json: bool) -> Result<()> {
                     outcome.files,
                     outcome.removed,
                     outcome.duration_ms,
-                    if outcome.recovered { ", after a crash" } else { "" },
+                    if outcome.recovered {
+                        ", after a crash"
+                    } else {
+                        ""
+                    },
                     if outcome.warnings.is_empty() {
                         String::new()
                     } else {
@@ -86,7 +98,9 @@ pub fn print_fleet(agents: &[AgentInfo], json: bool) -> Result<()> {
         println!(
             "{:<24}  {:>7}  {:<20}  {}",
             agent.name,
-            agent.version.map_or_else(|| "-".to_owned(), |v| v.to_string()),
+            agent
+                .version
+                .map_or_else(|| "-".to_owned(), |v| v.to_string()),
             time(agent.last_seen),
             outcome
         );
@@ -122,7 +136,9 @@ pub fn print_push(report: &PushReport, dry_run: bool, json: bool) -> Result<()> 
             report.files,
             report.dirs,
             report.deleted,
-            report.parent.map_or_else(|| "none".to_owned(), |v| v.to_string())
+            report
+                .parent
+                .map_or_else(|| "none".to_owned(), |v| v.to_string())
         );
         for removed in &report.changeset.removed {
             println!("  delete  {removed}");
@@ -130,7 +146,9 @@ pub fn print_push(report: &PushReport, dry_run: bool, json: bool) -> Result<()> 
         for item in &report.changeset.entries {
             let detail = match &item.entry.kind {
                 EntryKind::File { size, .. } => format!("file, {}", human_bytes(*size)),
-                EntryKind::Symlink { target } => format!("symlink -> {}", String::from_utf8_lossy(target)),
+                EntryKind::Symlink { target } => {
+                    format!("symlink -> {}", String::from_utf8_lossy(target))
+                }
                 EntryKind::HardLink { target } => format!("hard link to {target}"),
                 other => other.name().to_owned(),
             };

@@ -1,6 +1,8 @@
 //! End to end through the real binary: repository, push and agent on real files,
 //! as root. Each test builds its own trees, repository and agents in a temp dir.
 
+#![allow(clippy::unwrap_used)]
+
 use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
@@ -133,7 +135,10 @@ fn build_every_kind(dev: &Path) {
     write(&dev.join("etc/app/app.conf"), "listen 80\n");
     write(&dev.join("name with spaces"), "spaces");
     write(&dev.join("new\nline"), "newline");
-    write(&dev.join(OsStr::from_bytes(b"latin1-\xe9t\xe9")), "not utf-8");
+    write(
+        &dev.join(OsStr::from_bytes(b"latin1-\xe9t\xe9")),
+        "not utf-8",
+    );
 
     let setuid = dev.join("usr-bin-tool");
     write(&setuid, "#!/bin/sh\necho tool\n");
@@ -171,14 +176,23 @@ fn build_every_kind(dev: &Path) {
         rustix::fs::CWD,
         &link,
         &rustix::fs::Timestamps {
-            last_access: rustix::fs::Timespec { tv_sec: 1_000_000, tv_nsec: 5 },
-            last_modification: rustix::fs::Timespec { tv_sec: 1_000_000, tv_nsec: 5 },
+            last_access: rustix::fs::Timespec {
+                tv_sec: 1_000_000,
+                tv_nsec: 5,
+            },
+            last_modification: rustix::fs::Timespec {
+                tv_sec: 1_000_000,
+                tv_nsec: 5,
+            },
         },
         rustix::fs::AtFlags::SYMLINK_NOFOLLOW,
     )
     .unwrap();
 
-    let status = Command::new("mkfifo").arg(dev.join("a-fifo")).status().unwrap();
+    let status = Command::new("mkfifo")
+        .arg(dev.join("a-fifo"))
+        .status()
+        .unwrap();
     assert!(status.success());
     let status = Command::new("mknod")
         .arg(dev.join("null-device"))
@@ -286,7 +300,11 @@ fn nothing_to_push_says_so_and_exits_zero() {
     assert!(out.contains("write   b (file, 1 B)"), "{out}");
     let log = lab.vdsync.ok(["log", "--repo", &lab.repo.url, "--json"]);
     let versions: serde_json::Value = serde_json::from_str(&log).unwrap();
-    assert_eq!(versions.as_array().unwrap().len(), 1, "a dry run committed something");
+    assert_eq!(
+        versions.as_array().unwrap().len(),
+        1,
+        "a dry run committed something"
+    );
 }
 
 #[test]
@@ -294,7 +312,12 @@ fn two_pushes_racing_on_the_same_parent_one_wins_one_is_refused() {
     let lab = Lab::new(|dev| write(&dev.join("base"), "base"));
     // Two development machines, both at version 0.
     let second_dev = lab.dir.join("dev2");
-    let copied = Command::new("cp").arg("-a").arg(&lab.dev).arg(&second_dev).status().unwrap();
+    let copied = Command::new("cp")
+        .arg("-a")
+        .arg(&lab.dev)
+        .arg(&second_dev)
+        .status()
+        .unwrap();
     assert!(copied.success());
     let first = lab.push_args("state-1", "first");
     let mut second = lab.push_args("state-2", "second");
@@ -322,7 +345,11 @@ fn two_pushes_racing_on_the_same_parent_one_wins_one_is_refused() {
         message.contains("stale parent") || message.contains("another push landed"),
         "{message}"
     );
-    assert_eq!(message.trim().lines().count(), 1, "one error line: {message}");
+    assert_eq!(
+        message.trim().lines().count(),
+        1,
+        "one error line: {message}"
+    );
     let log = lab.vdsync.ok(["log", "--repo", &lab.repo.url, "--json"]);
     let versions: serde_json::Value = serde_json::from_str(&log).unwrap();
     assert_eq!(versions.as_array().unwrap().len(), 2);
@@ -341,7 +368,10 @@ fn an_agent_offline_for_five_versions_catches_up_in_order() {
         assert_eq!(lab.push(&format!("version {n}")), n);
     }
     let (stdout, stderr) = lab.agent_once("laggard");
-    assert!(stdout.contains("applied 5 version(s); now at version 5"), "{stdout}");
+    assert!(
+        stdout.contains("applied 5 version(s); now at version 5"),
+        "{stdout}"
+    );
     let order: Vec<u64> = stderr
         .lines()
         .filter(|line| line.contains(" applied "))
@@ -364,7 +394,9 @@ fn a_long_running_agent_applies_a_push_without_polling_delay() {
     let mut args = lab.agent_args("follower");
     args.retain(|arg| arg != "--once");
     let mut command = lab.vdsync.command(&args);
-    command.stdout(std::process::Stdio::null()).stderr(std::process::Stdio::null());
+    command
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null());
     let _agent = GroupChild::spawn(&mut command);
     wait_until(Duration::from_secs(30), "version 0 on the follower", || {
         std::fs::read_to_string(root.join("page.html")).is_ok_and(|c| c == "v0")
@@ -434,7 +466,10 @@ fn bad_input_gets_one_clear_line_and_changes_nothing() {
 
 /// Counts regular files under a tree, for picking a kill moment.
 fn count_files(root: &Path) -> usize {
-    describe_tree(root, &[]).values().filter(|d| d.kind == "file").count()
+    describe_tree(root, &[])
+        .values()
+        .filter(|d| d.kind == "file")
+        .count()
 }
 
 #[test]
@@ -443,7 +478,10 @@ fn kill_nine_in_the_middle_of_applying_then_restart_gives_the_whole_version() {
         for dir in 0..20 {
             std::fs::create_dir_all(dev.join(format!("d{dir}"))).unwrap();
             for file in 0..50 {
-                write(&dev.join(format!("d{dir}/f{file}")), format!("old {dir} {file}"));
+                write(
+                    &dev.join(format!("d{dir}/f{file}")),
+                    format!("old {dir} {file}"),
+                );
             }
         }
     });
@@ -460,7 +498,9 @@ fn kill_nine_in_the_middle_of_applying_then_restart_gives_the_whole_version() {
         }
     }
     std::fs::remove_dir_all(lab.dev.join("d7")).unwrap();
-    let big: Vec<u8> = (0..(64u32 << 20) / 4).flat_map(|i| i.wrapping_mul(2_654_435_761).to_le_bytes()).collect();
+    let big: Vec<u8> = (0..(64u32 << 20) / 4)
+        .flat_map(|i| i.wrapping_mul(2_654_435_761).to_le_bytes())
+        .collect();
     write(&lab.dev.join("big.bin"), &big);
     lab.push("large");
     let version_1 = describe_tree(&lab.dev, &[]);
@@ -471,14 +511,21 @@ fn kill_nine_in_the_middle_of_applying_then_restart_gives_the_whole_version() {
     // (the commit point) exists, i.e. during roll-forward.
     for kill_point in ["staging", "journal"] {
         let mut command = lab.vdsync.command(lab.agent_args("crashy"));
-        command.stdout(std::process::Stdio::null()).stderr(std::process::Stdio::null());
+        command
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null());
         let mut agent = GroupChild::spawn(&mut command);
         let journal = state.join("journal.json");
         let stage = state.join("stage-1");
         let deadline = std::time::Instant::now() + Duration::from_secs(60);
         loop {
             let reached = match kill_point {
-                "staging" => stage.exists() && std::fs::read_dir(&stage).map(|d| d.count() > 100).unwrap_or(false),
+                "staging" => {
+                    stage.exists()
+                        && std::fs::read_dir(&stage)
+                            .map(|d| d.count() > 100)
+                            .unwrap_or(false)
+                }
                 _ => journal.exists(),
             };
             if reached {
@@ -487,14 +534,20 @@ fn kill_nine_in_the_middle_of_applying_then_restart_gives_the_whole_version() {
             if let Ok(Some(status)) = agent.child.try_wait() {
                 panic!("agent exited ({status}) before the {kill_point} kill point");
             }
-            assert!(std::time::Instant::now() < deadline, "never reached {kill_point}");
+            assert!(
+                std::time::Instant::now() < deadline,
+                "never reached {kill_point}"
+            );
             std::thread::yield_now();
         }
         agent.kill();
         let now = describe_tree(&root, &[]);
         if !journal.exists() {
             // Without a journal the tree must be exactly one version.
-            assert!(now == version_0 || now == version_1, "torn tree after a kill while {kill_point}");
+            assert!(
+                now == version_0 || now == version_1,
+                "torn tree after a kill while {kill_point}"
+            );
         }
         if kill_point == "staging" {
             assert!(!journal.exists());
