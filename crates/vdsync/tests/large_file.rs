@@ -13,7 +13,7 @@ use std::process::Command;
 use vdsync_test_support::{tempdir, TestRepo, Vdsync};
 
 /// Peak resident memory allowed for each process while moving 2 GiB.
-const PEAK_RSS_LIMIT_KIB: u64 = 256 * 1024;
+const PEAK_RSS_LIMIT_KIB: u64 = 64 * 1024;
 
 /// Runs `vdsync args` under GNU time and returns its peak RSS in KiB.
 fn run_measured(vdsync: &Vdsync, args: &[&str]) -> u64 {
