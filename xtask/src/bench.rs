@@ -26,13 +26,14 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 
 use crate::harness::{
-    find_on_path, median, narrate, run_checked, seconds, start_repository_server, sync_file_systems,
-    BackgroundProcesses, ScratchDirectory, Vdsync,
+    find_on_path, median, narrate, run_checked, seconds, start_repository_server,
+    sync_file_systems, BackgroundProcesses, ScratchDirectory, Vdsync,
 };
 
-/// Three runs give a median that one slow outlier (a page-cache eviction, a cron job)
-/// cannot move, while keeping the whole benchmark well under five minutes on two cores.
-const REPETITIONS: usize = 3;
+/// Three runs give a median that one slow outlier (a page-cache eviction, a build next
+/// door) cannot move, while keeping the whole benchmark under five minutes on two cores.
+/// `--repetitions N` buys steadier medians on a busy machine.
+const DEFAULT_REPETITIONS: usize = 3;
 
 const SMALL_FILE_COUNT: usize = 10_000;
 const SMALL_FILE_DIRECTORY_COUNT: usize = 100;
@@ -73,13 +74,22 @@ struct WorkloadResult {
 
 pub fn run(arguments: &[String]) -> Result<()> {
     match arguments {
-        [name] if name == "spine" => spine(),
+        [name] if name == "spine" => spine(DEFAULT_REPETITIONS),
+        [name, option, count] if name == "spine" && option == "--repetitions" => {
+            let repetitions = count
+                .parse::<usize>()
+                .ok()
+                .filter(|repetitions| *repetitions > 0)
+                .with_context(|| format!("--repetitions takes a positive number, not {count:?}"))?;
+            spine(repetitions)
+        }
+        [name, ..] if name == "spine" => bail!("usage: cargo xtask bench spine [--repetitions N]"),
         [] => bail!("missing benchmark name; available: spine"),
         [name, ..] => bail!("unknown benchmark {name:?}; available: spine"),
     }
 }
 
-fn spine() -> Result<()> {
+fn spine(repetitions: usize) -> Result<()> {
     // Checked first, so a missing peer costs nothing: without it there is no comparison.
     if find_on_path("rsync").is_none() {
         bail!("rsync not found: apt-get install -y rsync");
@@ -89,7 +99,7 @@ fn spine() -> Result<()> {
     // directory, hence on one file system, so both tools write to the same device.
     let scratch = ScratchDirectory::create("bench-spine")?;
     narrate(format_args!(
-        "working in {} ({REPETITIONS} repetitions per workload, `sync` before each timed run)",
+        "working in {} ({repetitions} repetitions per workload, `sync` before each timed run)",
         scratch.path().display()
     ));
 
@@ -103,20 +113,41 @@ fn spine() -> Result<()> {
             generate_source: generate_large_file,
         },
     ];
+    // Other work on the machine moves these figures more than anything measured here,
+    // so the load is printed for whoever compares two runs.
+    let load_before = load_average();
     let mut results = Vec::new();
     for workload in &workloads {
-        results.push(measure_workload(&vdsync, scratch.path(), workload)?);
+        results.push(measure_workload(
+            &vdsync,
+            scratch.path(),
+            workload,
+            repetitions,
+        )?);
     }
 
     println!();
-    print!("{}", format_tables(&results));
+    print!("{}", format_tables(&results, repetitions));
+    println!(
+        "machine: {} CPUs, load average (1 min) {load_before} before, {} after",
+        std::thread::available_parallelism().map_or(0, usize::from),
+        load_average()
+    );
     drop(scratch);
     Ok(())
 }
 
-fn measure_workload(vdsync: &Vdsync, scratch_root: &Path, workload: &Workload) -> Result<WorkloadResult> {
+fn measure_workload(
+    vdsync: &Vdsync,
+    scratch_root: &Path,
+    workload: &Workload,
+    repetitions: usize,
+) -> Result<WorkloadResult> {
     let source = scratch_root.join("source");
-    narrate(format_args!("{}: generating the source tree", workload.table_name));
+    narrate(format_args!(
+        "{}: generating the source tree",
+        workload.table_name
+    ));
     let generation_started = Instant::now();
     let description = (workload.generate_source)(&source)?;
     println!(
@@ -125,11 +156,11 @@ fn measure_workload(vdsync: &Vdsync, scratch_root: &Path, workload: &Workload) -
     );
 
     let mut measurements = Vec::new();
-    for repetition in 1..=REPETITIONS {
+    for repetition in 1..=repetitions {
         let measurement = measure_once(vdsync, scratch_root, &source)
             .with_context(|| format!("{}: repetition {repetition} failed", workload.table_name))?;
         println!(
-            "    run {repetition}/{REPETITIONS}: push {}  apply {}  push+apply {}  rsync -a {}",
+            "    run {repetition}/{repetitions}: push {}  apply {}  push+apply {}  rsync -a {}",
             seconds(measurement.push),
             seconds(measurement.apply),
             seconds(measurement.push_and_apply()),
@@ -137,9 +168,12 @@ fn measure_workload(vdsync: &Vdsync, scratch_root: &Path, workload: &Workload) -
         );
         measurements.push(measurement);
     }
-    std::fs::remove_dir_all(&source).with_context(|| format!("cannot remove {}", source.display()))?;
+    std::fs::remove_dir_all(&source)
+        .with_context(|| format!("cannot remove {}", source.display()))?;
 
-    let column = |select: fn(&Measurement) -> Duration| median(&measurements.iter().map(select).collect::<Vec<_>>());
+    let column = |select: fn(&Measurement) -> Duration| {
+        median(&measurements.iter().map(select).collect::<Vec<_>>())
+    };
     Ok(WorkloadResult {
         table_name: workload.table_name,
         push: column(|measurement| measurement.push)?,
@@ -160,7 +194,8 @@ fn measure_once(vdsync: &Vdsync, scratch_root: &Path, source: &Path) -> Result<M
     let agent_state = run_directory.join("agent-state");
     let rsync_destination = run_directory.join("rsync-destination");
     for directory in [&empty_tree, &agent_root, &rsync_destination] {
-        std::fs::create_dir_all(directory).with_context(|| format!("cannot create {}", directory.display()))?;
+        std::fs::create_dir_all(directory)
+            .with_context(|| format!("cannot create {}", directory.display()))?;
     }
 
     run_checked(
@@ -178,8 +213,19 @@ fn measure_once(vdsync: &Vdsync, scratch_root: &Path, source: &Path) -> Result<M
         &mut processes,
     )?;
     let agent_command = || {
-        let mut command = vdsync.command(["agent", "--once", "--name", "bench", "--repo", &repository_url]);
-        command.arg("--root").arg(&agent_root).arg("--state").arg(&agent_state);
+        let mut command = vdsync.command([
+            "agent",
+            "--once",
+            "--name",
+            "bench",
+            "--repo",
+            &repository_url,
+        ]);
+        command
+            .arg("--root")
+            .arg(&agent_root)
+            .arg("--state")
+            .arg(&agent_state);
         command
     };
     // Version 0 is the empty tree: this leaves the agent where a running machine would
@@ -190,7 +236,15 @@ fn measure_once(vdsync: &Vdsync, scratch_root: &Path, source: &Path) -> Result<M
     let push_started = Instant::now();
     let push_output = run_checked(
         vdsync
-            .command(["push", "--rescan", "--json", "-m", "benchmark", "--repo", &repository_url])
+            .command([
+                "push",
+                "--rescan",
+                "--json",
+                "-m",
+                "benchmark",
+                "--repo",
+                &repository_url,
+            ])
             .arg("--root")
             .arg(source)
             .arg("--state")
@@ -200,11 +254,16 @@ fn measure_once(vdsync: &Vdsync, scratch_root: &Path, source: &Path) -> Result<M
     let apply_started = Instant::now();
     run_checked(&mut agent_command())?;
     let apply = apply_started.elapsed();
-    let pushed_version = crate::json::parse(&push_output)
-        .ok()
-        .and_then(|report| report.get("version").and_then(crate::json::JsonValue::as_u64));
+    let pushed_version = crate::json::parse(&push_output).ok().and_then(|report| {
+        report
+            .get("version")
+            .and_then(crate::json::JsonValue::as_u64)
+    });
     if pushed_version != Some(1) {
-        bail!("expected the push to make version 1, it printed {}", push_output.trim());
+        bail!(
+            "expected the push to make version 1, it printed {}",
+            push_output.trim()
+        );
     }
     // The repository is idle from here on, but stop it anyway so nothing of vdsync's
     // runs while rsync is timed.
@@ -224,8 +283,17 @@ fn measure_once(vdsync: &Vdsync, scratch_root: &Path, source: &Path) -> Result<M
     check_copy(source, &rsync_destination, "the rsync destination")?;
 
     // Removed now, not at the end: three 1 GiB copies per run would otherwise pile up.
-    std::fs::remove_dir_all(&run_directory).with_context(|| format!("cannot remove {}", run_directory.display()))?;
+    std::fs::remove_dir_all(&run_directory)
+        .with_context(|| format!("cannot remove {}", run_directory.display()))?;
     Ok(Measurement { push, apply, rsync })
+}
+
+/// The 1-minute load average from /proc/loadavg, or "unknown".
+fn load_average() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|text| text.split_whitespace().next().map(str::to_owned))
+        .unwrap_or_else(|| "unknown".to_owned())
 }
 
 fn with_trailing_slash(directory: &Path) -> PathBuf {
@@ -280,13 +348,15 @@ fn generate_small_files(source: &Path) -> Result<String> {
     let files_per_directory = SMALL_FILE_COUNT / SMALL_FILE_DIRECTORY_COUNT;
     for directory_index in 0..SMALL_FILE_DIRECTORY_COUNT {
         let directory = source.join(format!("dir-{directory_index:03}"));
-        std::fs::create_dir_all(&directory).with_context(|| format!("cannot create {}", directory.display()))?;
+        std::fs::create_dir_all(&directory)
+            .with_context(|| format!("cannot create {}", directory.display()))?;
         for file_index in 0..files_per_directory {
             let size_range = (SMALL_FILE_MAXIMUM_BYTES - SMALL_FILE_MINIMUM_BYTES + 1) as u64;
             let size = SMALL_FILE_MINIMUM_BYTES + (random.next_u64() % size_range) as usize;
             random.fill(&mut buffer[..size]);
             let path = directory.join(format!("file-{file_index:04}.dat"));
-            std::fs::write(&path, &buffer[..size]).with_context(|| format!("cannot write {}", path.display()))?;
+            std::fs::write(&path, &buffer[..size])
+                .with_context(|| format!("cannot write {}", path.display()))?;
             total_bytes += size;
         }
     }
@@ -298,7 +368,8 @@ fn generate_small_files(source: &Path) -> Result<String> {
 
 /// One 1 GiB file of pseudo-random bytes, written in 1 MiB pieces.
 fn generate_large_file(source: &Path) -> Result<String> {
-    std::fs::create_dir_all(source).with_context(|| format!("cannot create {}", source.display()))?;
+    std::fs::create_dir_all(source)
+        .with_context(|| format!("cannot create {}", source.display()))?;
     let path = source.join("large.bin");
     let file = File::create(&path).with_context(|| format!("cannot create {}", path.display()))?;
     let mut writer = BufWriter::with_capacity(GENERATION_BUFFER_BYTES, file);
@@ -323,18 +394,24 @@ fn ratio_text(vdsync: Duration, rsync: Duration) -> String {
     let vdsync_seconds = vdsync.as_secs_f64();
     let rsync_seconds = rsync.as_secs_f64();
     if vdsync_seconds >= rsync_seconds {
-        format!("{:.1}x slower", vdsync_seconds / rsync_seconds.max(f64::EPSILON))
+        format!(
+            "{:.1}x slower",
+            vdsync_seconds / rsync_seconds.max(f64::EPSILON)
+        )
     } else {
-        format!("{:.1}x faster", rsync_seconds / vdsync_seconds.max(f64::EPSILON))
+        format!(
+            "{:.1}x faster",
+            rsync_seconds / vdsync_seconds.max(f64::EPSILON)
+        )
     }
 }
 
-fn format_tables(results: &[WorkloadResult]) -> String {
+fn format_tables(results: &[WorkloadResult], repetitions: usize) -> String {
     let mut text = String::new();
     // Writing to a String cannot fail, so the results of writeln! are ignored.
     let _ = writeln!(
         text,
-        "spine benchmark: medians of {REPETITIONS} runs, same file system, same run"
+        "spine benchmark: medians of {repetitions} runs, same file system, same run"
     );
     let _ = writeln!(
         text,
@@ -352,7 +429,11 @@ fn format_tables(results: &[WorkloadResult]) -> String {
         );
     }
     let _ = writeln!(text);
-    let _ = writeln!(text, "{:<20}{:>19}{:>11}", "split (medians)", "push", "apply");
+    let _ = writeln!(
+        text,
+        "{:<20}{:>19}{:>11}",
+        "split (medians)", "push", "apply"
+    );
     for result in results {
         let _ = writeln!(
             text,
@@ -371,8 +452,14 @@ mod tests {
 
     #[test]
     fn ratio_says_which_side_won() {
-        assert_eq!(ratio_text(Duration::from_millis(2310), Duration::from_millis(850)), "2.7x slower");
-        assert_eq!(ratio_text(Duration::from_millis(500), Duration::from_millis(1000)), "2.0x faster");
+        assert_eq!(
+            ratio_text(Duration::from_millis(2310), Duration::from_millis(850)),
+            "2.7x slower"
+        );
+        assert_eq!(
+            ratio_text(Duration::from_millis(500), Duration::from_millis(1000)),
+            "2.0x faster"
+        );
     }
 
     #[test]
@@ -381,6 +468,9 @@ mod tests {
         let mut buffer = [0; 64];
         random.fill(&mut buffer);
         assert!(buffer.chunks(8).any(|chunk| chunk != &buffer[..8]));
-        assert_ne!(Xorshift64::seeded(0).next_u64(), Xorshift64::seeded(1).next_u64());
+        assert_ne!(
+            Xorshift64::seeded(0).next_u64(),
+            Xorshift64::seeded(1).next_u64()
+        );
     }
 }

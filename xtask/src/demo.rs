@@ -16,7 +16,8 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 
 use crate::harness::{
-    narrate, run_checked, start_repository_server, wait_until, BackgroundProcesses, ScratchDirectory, Vdsync,
+    narrate, run_checked, start_repository_server, wait_until, BackgroundProcesses,
+    ScratchDirectory, Vdsync,
 };
 use crate::json;
 
@@ -26,7 +27,11 @@ const APPLY_TIMEOUT: Duration = Duration::from_secs(30);
 /// The "embedded default" tree the repository starts from: the kind of files a small
 /// web machine's image carries, with an executable among them so modes are visible.
 const DEFAULT_TREE_FILES: &[(&str, &str, u32)] = &[
-    ("etc/motd", "Welcome to a machine managed by vdsync.\n", 0o644),
+    (
+        "etc/motd",
+        "Welcome to a machine managed by vdsync.\n",
+        0o644,
+    ),
     (
         "etc/app/app.conf",
         "# application settings\nlisten = 0.0.0.0:8080\nworkers = 4\n",
@@ -92,24 +97,34 @@ pub fn run() -> Result<()> {
     print_indented(&init_output);
 
     narrate("vdsync repo serve --data repo --listen 127.0.0.1:0 (in the background)");
-    let repository_url =
-        start_repository_server(&vdsync, &repository_data, &logs.join("repository.log"), &mut processes)?;
+    let repository_url = start_repository_server(
+        &vdsync,
+        &repository_data,
+        &logs.join("repository.log"),
+        &mut processes,
+    )?;
     println!("    listening on {repository_url}");
 
     let mut machine_roots = Vec::new();
     for (agent_name, root_name) in MACHINES {
         let machine_root = scratch.path().join(root_name);
-        std::fs::create_dir(&machine_root).with_context(|| format!("cannot create {}", machine_root.display()))?;
+        std::fs::create_dir(&machine_root)
+            .with_context(|| format!("cannot create {}", machine_root.display()))?;
         narrate(format_args!(
             "vdsync agent --root {root_name}/ --name {agent_name} (in the background, following the head)"
         ));
-        let mut agent_command = vdsync.command(["agent", "--name", agent_name, "--repo", &repository_url]);
+        let mut agent_command =
+            vdsync.command(["agent", "--name", agent_name, "--repo", &repository_url]);
         agent_command
             .arg("--root")
             .arg(&machine_root)
             .arg("--state")
             .arg(scratch.path().join(format!("{root_name}-state")));
-        processes.spawn(agent_name, &mut agent_command, &logs.join(format!("{agent_name}.log")))?;
+        processes.spawn(
+            agent_name,
+            &mut agent_command,
+            &logs.join(format!("{agent_name}.log")),
+        )?;
         machine_roots.push((agent_name, machine_root));
     }
 
@@ -132,13 +147,22 @@ pub fn run() -> Result<()> {
     narrate("vdsync push --rescan -m \"demo change\"");
     let push_output = run_checked(
         vdsync
-            .command(["push", "--rescan", "--json", "-m", "demo change", "--repo", &repository_url])
+            .command([
+                "push",
+                "--rescan",
+                "--json",
+                "-m",
+                "demo change",
+                "--repo",
+                &repository_url,
+            ])
             .arg("--root")
             .arg(&development_tree)
             .arg("--state")
             .arg(&push_state),
     )?;
-    let push_report = json::parse(&push_output).context("cannot read `vdsync push --json` output")?;
+    let push_report =
+        json::parse(&push_output).context("cannot read `vdsync push --json` output")?;
     let pushed_version = push_report
         .get("version")
         .and_then(json::JsonValue::as_u64)
@@ -157,9 +181,17 @@ pub fn run() -> Result<()> {
     );
 
     narrate("vdsync log");
-    print_indented(&run_checked(vdsync.command(["log", "--repo", &repository_url]))?);
+    print_indented(&run_checked(&mut vdsync.command([
+        "log",
+        "--repo",
+        &repository_url,
+    ]))?);
     narrate("vdsync fleet");
-    print_indented(&run_checked(vdsync.command(["fleet", "--repo", &repository_url]))?);
+    print_indented(&run_checked(&mut vdsync.command([
+        "fleet",
+        "--repo",
+        &repository_url,
+    ]))?);
 
     for (agent_name, machine_root) in &machine_roots {
         let changed_path = machine_root.join(CHANGED_FILE);
@@ -188,13 +220,15 @@ fn write_default_tree(development_tree: &Path) -> Result<()> {
     std::os::unix::fs::symlink(link_target, &link_path)
         .with_context(|| format!("cannot create symlink {}", link_path.display()))?;
     let empty_directory = development_tree.join(DEFAULT_TREE_EMPTY_DIRECTORY);
-    std::fs::create_dir_all(&empty_directory).with_context(|| format!("cannot create {}", empty_directory.display()))?;
+    std::fs::create_dir_all(&empty_directory)
+        .with_context(|| format!("cannot create {}", empty_directory.display()))?;
     Ok(())
 }
 
 fn write_file(path: &Path, content: &str, mode: u32) -> Result<()> {
     if let Some(parent) = path.parent() {
-        std::fs::create_dir_all(parent).with_context(|| format!("cannot create {}", parent.display()))?;
+        std::fs::create_dir_all(parent)
+            .with_context(|| format!("cannot create {}", parent.display()))?;
     }
     std::fs::write(path, content).with_context(|| format!("cannot write {}", path.display()))?;
     // Set explicitly: the umask of whoever runs the demo must not decide the modes.
@@ -203,10 +237,19 @@ fn write_file(path: &Path, content: &str, mode: u32) -> Result<()> {
 }
 
 fn edit_development_tree(development_tree: &Path) -> Result<()> {
-    write_file(&development_tree.join(CHANGED_FILE), CHANGED_FILE_CONTENT, 0o644)?;
-    write_file(&development_tree.join(ADDED_FILE), ADDED_FILE_CONTENT, 0o644)?;
+    write_file(
+        &development_tree.join(CHANGED_FILE),
+        CHANGED_FILE_CONTENT,
+        0o644,
+    )?;
+    write_file(
+        &development_tree.join(ADDED_FILE),
+        ADDED_FILE_CONTENT,
+        0o644,
+    )?;
     let deleted_path = development_tree.join(DELETED_FILE);
-    std::fs::remove_file(&deleted_path).with_context(|| format!("cannot delete {}", deleted_path.display()))
+    std::fs::remove_file(&deleted_path)
+        .with_context(|| format!("cannot delete {}", deleted_path.display()))
 }
 
 /// Waits until `vdsync fleet --json` reports every demo agent at `version`. The fleet
@@ -224,11 +267,12 @@ fn wait_for_fleet_version(
         fleet_is_at_version(vdsync, repository_url, version)
     });
     // On a timeout the agents' own words are the quickest way to the cause.
-    result.map_err(|error| error.context(format!("the logs so far:\n{}", processes.all_log_tails())))
+    result
+        .map_err(|error| error.context(format!("the logs so far:\n{}", processes.all_log_tails())))
 }
 
 fn fleet_is_at_version(vdsync: &Vdsync, repository_url: &str, version: u64) -> Result<bool> {
-    let output = run_checked(vdsync.command(["fleet", "--json", "--repo", repository_url]))?;
+    let output = run_checked(&mut vdsync.command(["fleet", "--json", "--repo", repository_url]))?;
     let fleet = json::parse(&output).context("cannot read `vdsync fleet --json` output")?;
     let agents = fleet
         .as_array()
@@ -243,7 +287,9 @@ fn fleet_is_at_version(vdsync: &Vdsync, repository_url: &str, version: u64) -> R
         };
         let last_outcome = agent.get("last_outcome");
         let failed_version = last_outcome
-            .filter(|outcome| outcome.get("status").and_then(json::JsonValue::as_str) == Some("failed"))
+            .filter(|outcome| {
+                outcome.get("status").and_then(json::JsonValue::as_str) == Some("failed")
+            })
             .and_then(|outcome| outcome.get("version"))
             .and_then(json::JsonValue::as_u64);
         if failed_version == Some(version) {

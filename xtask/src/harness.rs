@@ -52,7 +52,8 @@ impl Vdsync {
         // xtask itself is built with --release into the same target directory, so the
         // binary sits next to the running executable. This also honours CARGO_TARGET_DIR
         // and `build.target-dir` without having to parse cargo's configuration.
-        let xtask_executable = std::env::current_exe().context("cannot find the running xtask executable")?;
+        let xtask_executable =
+            std::env::current_exe().context("cannot find the running xtask executable")?;
         let release_directory = xtask_executable
             .parent()
             .context("the xtask executable has no parent directory")?;
@@ -96,7 +97,8 @@ pub fn run_checked(command: &mut Command) -> Result<String> {
             standard_error.trim()
         );
     }
-    String::from_utf8(output.stdout).with_context(|| format!("`{description}` printed output that is not UTF-8"))
+    String::from_utf8(output.stdout)
+        .with_context(|| format!("`{description}` printed output that is not UTF-8"))
 }
 
 /// The command as a person would type it, with the program shortened to its file name so
@@ -108,7 +110,11 @@ pub fn describe_command(command: &Command) -> String {
         .unwrap_or(program.as_os_str())
         .to_string_lossy()
         .into_owned()];
-    words.extend(command.get_args().map(|argument| argument.to_string_lossy().into_owned()));
+    words.extend(
+        command
+            .get_args()
+            .map(|argument| argument.to_string_lossy().into_owned()),
+    );
     words.join(" ")
 }
 
@@ -125,16 +131,20 @@ pub fn find_on_path(program_name: &str) -> Option<PathBuf> {
     std::env::split_paths(&search_path)
         .map(|directory| directory.join(program_name))
         .find(|candidate| {
-            candidate
-                .metadata()
-                .is_ok_and(|metadata| metadata.is_file() && metadata.permissions().mode() & 0o111 != 0)
+            candidate.metadata().is_ok_and(|metadata| {
+                metadata.is_file() && metadata.permissions().mode() & 0o111 != 0
+            })
         })
 }
 
 /// Polls `condition` every 100 ms until it returns true, failing with a message that
 /// names `what` once `timeout` has passed. An error from the condition ends the wait at
 /// once: there is no point waiting for agents that have died.
-pub fn wait_until(timeout: Duration, what: &str, mut condition: impl FnMut() -> Result<bool>) -> Result<Duration> {
+pub fn wait_until(
+    timeout: Duration,
+    what: &str,
+    mut condition: impl FnMut() -> Result<bool>,
+) -> Result<Duration> {
     let started = Instant::now();
     loop {
         if condition().with_context(|| format!("while waiting for {what}"))? {
@@ -176,7 +186,8 @@ impl ScratchDirectory {
         ));
         // create_dir, not create_dir_all: failing on an existing directory guarantees we
         // never delete something that was not ours at the end.
-        std::fs::create_dir(&path).with_context(|| format!("cannot create scratch directory {}", path.display()))?;
+        std::fs::create_dir(&path)
+            .with_context(|| format!("cannot create scratch directory {}", path.display()))?;
         Ok(ScratchDirectory { path })
     }
 
@@ -212,8 +223,14 @@ struct BackgroundProcess {
 impl BackgroundProcesses {
     /// Starts `command` with its standard output and error going to `log_path`, and
     /// keeps it until `stop_all` or drop.
-    pub fn spawn(&mut self, name: &str, command: &mut Command, log_path: &Path) -> Result<&mut Child> {
-        let log_file = File::create(log_path).with_context(|| format!("cannot create {}", log_path.display()))?;
+    pub fn spawn(
+        &mut self,
+        name: &str,
+        command: &mut Command,
+        log_path: &Path,
+    ) -> Result<&mut Child> {
+        let log_file = File::create(log_path)
+            .with_context(|| format!("cannot create {}", log_path.display()))?;
         let log_file_for_stdout = log_file
             .try_clone()
             .with_context(|| format!("cannot reopen {}", log_path.display()))?;
@@ -258,7 +275,14 @@ impl BackgroundProcesses {
     pub fn all_log_tails(&self) -> String {
         self.running
             .iter()
-            .map(|process| format!("--- {} ({})\n{}", process.name, process.log_path.display(), log_tail(&process.log_path)))
+            .map(|process| {
+                format!(
+                    "--- {} ({})\n{}",
+                    process.name,
+                    process.log_path.display(),
+                    log_tail(&process.log_path)
+                )
+            })
             .collect::<Vec<_>>()
             .join("\n")
     }
@@ -314,9 +338,14 @@ pub fn start_repository_server(
     processes: &mut BackgroundProcesses,
 ) -> Result<String> {
     const ANNOUNCEMENT: &str = "vdsync repository listening on ";
-    let log_file = File::create(log_path).with_context(|| format!("cannot create {}", log_path.display()))?;
+    let log_file =
+        File::create(log_path).with_context(|| format!("cannot create {}", log_path.display()))?;
     let mut command = vdsync.command(["repo", "serve", "--listen", "127.0.0.1:0", "--data"]);
-    command.arg(data_directory).stdin(Stdio::null()).stdout(Stdio::piped()).stderr(log_file);
+    command
+        .arg(data_directory)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(log_file);
     let description = describe_command(&command);
     let mut child = command
         .spawn()
@@ -327,7 +356,8 @@ pub fn start_repository_server(
         child,
         log_path: log_path.to_owned(),
     });
-    let standard_output = standard_output.context("the repository server's stdout was not captured")?;
+    let standard_output =
+        standard_output.context("the repository server's stdout was not captured")?;
 
     // Read on a thread because std offers no read with a timeout; the thread keeps
     // draining afterwards so the server can never block on a full pipe.
@@ -378,7 +408,10 @@ mod tests {
     #[test]
     fn wait_until_reports_what_it_waited_for() {
         let error = wait_until(Duration::from_millis(150), "the moon", || Ok(false)).unwrap_err();
-        assert!(error.to_string().contains("waiting for the moon"), "{error}");
+        assert!(
+            error.to_string().contains("waiting for the moon"),
+            "{error}"
+        );
         let mut polls = 0;
         wait_until(Duration::from_secs(5), "three polls", || {
             polls += 1;
@@ -401,7 +434,11 @@ mod tests {
         let scratch = ScratchDirectory::create("unit-test-processes").unwrap();
         let mut processes = BackgroundProcesses::default();
         let child = processes
-            .spawn("sleeper", Command::new("sleep").arg("60"), &scratch.path().join("sleep.log"))
+            .spawn(
+                "sleeper",
+                Command::new("sleep").arg("60"),
+                &scratch.path().join("sleep.log"),
+            )
             .unwrap();
         let process_id = child.id();
         processes.check_all_running().unwrap();

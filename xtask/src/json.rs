@@ -62,7 +62,10 @@ pub fn parse(text: &str) -> Result<JsonValue> {
     let value = parser.value(0)?;
     parser.skip_whitespace();
     if parser.position != parser.bytes.len() {
-        bail!("unexpected text after the JSON value at byte {}", parser.position);
+        bail!(
+            "unexpected text after the JSON value at byte {}",
+            parser.position
+        );
     }
     Ok(value)
 }
@@ -184,7 +187,8 @@ impl Parser<'_> {
         while let Some(b'-' | b'+' | b'.' | b'e' | b'E' | b'0'..=b'9') = self.peek() {
             self.position += 1;
         }
-        let text = std::str::from_utf8(&self.bytes[start..self.position]).context("number is not UTF-8")?;
+        let text = std::str::from_utf8(&self.bytes[start..self.position])
+            .context("number is not UTF-8")?;
         // Checking through f64 rejects malformed text such as "1-2" or "--1".
         if text.parse::<f64>().is_err() {
             bail!("invalid number {text:?} at byte {start}");
@@ -217,7 +221,11 @@ impl Parser<'_> {
                         b'r' => '\r',
                         b't' => '\t',
                         b'u' => self.unicode_escape()?,
-                        other => bail!("invalid escape \\{} at byte {}", other as char, self.position),
+                        other => bail!(
+                            "invalid escape \\{} at byte {}",
+                            other as char,
+                            self.position
+                        ),
                     };
                     let mut buffer = [0; 4];
                     decoded.extend_from_slice(replacement.encode_utf8(&mut buffer).as_bytes());
@@ -254,7 +262,8 @@ impl Parser<'_> {
             .get(self.position..self.position + 4)
             .context("truncated \\u escape")?;
         let text = std::str::from_utf8(digits).context("invalid \\u escape")?;
-        let value = u32::from_str_radix(text, 16).with_context(|| format!("invalid \\u escape {text:?}"))?;
+        let value = u32::from_str_radix(text, 16)
+            .with_context(|| format!("invalid \\u escape {text:?}"))?;
         self.position += 4;
         Ok(value)
     }
@@ -282,7 +291,12 @@ mod tests {
         assert_eq!(agents[0].get("name").unwrap().as_str(), Some("web-1"));
         assert_eq!(agents[0].get("version").unwrap().as_u64(), Some(1));
         assert_eq!(
-            agents[0].get("last_outcome").unwrap().get("status").unwrap().as_str(),
+            agents[0]
+                .get("last_outcome")
+                .unwrap()
+                .get("status")
+                .unwrap()
+                .as_str(),
             Some("applied")
         );
         assert_eq!(agents[1].get("version"), Some(&JsonValue::Null));
@@ -290,14 +304,30 @@ mod tests {
 
     #[test]
     fn reads_large_integers_exactly_and_escapes() {
-        let value = parse(r#"{"bytes_sent": 18446744073709551615, "message": "a\"b\\c\u00e9\ud83d\ude00"}"#).unwrap();
+        let value = parse(
+            r#"{"bytes_sent": 18446744073709551615, "message": "a\"b\\c\u00e9\ud83d\ude00"}"#,
+        )
+        .unwrap();
         assert_eq!(value.get("bytes_sent").unwrap().as_u64(), Some(u64::MAX));
-        assert_eq!(value.get("message").unwrap().as_str(), Some("a\"b\\c\u{e9}\u{1f600}"));
+        assert_eq!(
+            value.get("message").unwrap().as_str(),
+            Some("a\"b\\c\u{e9}\u{1f600}")
+        );
     }
 
     #[test]
     fn rejects_malformed_documents() {
-        for malformed in ["", "{", "[1,]", "{\"a\" 1}", "tru", "1 2", "\"abc", "--1", "\"\\x\""] {
+        for malformed in [
+            "",
+            "{",
+            "[1,]",
+            "{\"a\" 1}",
+            "tru",
+            "1 2",
+            "\"abc",
+            "--1",
+            "\"\\x\"",
+        ] {
             assert!(parse(malformed).is_err(), "accepted {malformed:?}");
         }
     }

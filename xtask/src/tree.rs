@@ -33,14 +33,30 @@ fn sorted_names(directory: &Path) -> Result<Vec<std::ffi::OsString>> {
     Ok(names)
 }
 
-fn compare_directories(expected_root: &Path, actual_root: &Path, relative: &Path) -> Result<Option<String>> {
+fn compare_directories(
+    expected_root: &Path,
+    actual_root: &Path,
+    relative: &Path,
+) -> Result<Option<String>> {
     let expected_names = sorted_names(&expected_root.join(relative))?;
     let actual_names = sorted_names(&actual_root.join(relative))?;
-    if let Some(missing) = expected_names.iter().find(|name| !actual_names.contains(name)) {
-        return Ok(Some(format!("{} is missing", relative.join(missing).display())));
+    if let Some(missing) = expected_names
+        .iter()
+        .find(|name| !actual_names.contains(name))
+    {
+        return Ok(Some(format!(
+            "{} is missing",
+            relative.join(missing).display()
+        )));
     }
-    if let Some(extra) = actual_names.iter().find(|name| !expected_names.contains(name)) {
-        return Ok(Some(format!("{} should not exist", relative.join(extra).display())));
+    if let Some(extra) = actual_names
+        .iter()
+        .find(|name| !expected_names.contains(name))
+    {
+        return Ok(Some(format!(
+            "{} should not exist",
+            relative.join(extra).display()
+        )));
     }
     for name in &expected_names {
         let path = relative.join(name);
@@ -64,13 +80,17 @@ fn kind_name(metadata: &Metadata) -> &'static str {
     }
 }
 
-fn compare_entries(expected_root: &Path, actual_root: &Path, relative: &Path) -> Result<Option<String>> {
+fn compare_entries(
+    expected_root: &Path,
+    actual_root: &Path,
+    relative: &Path,
+) -> Result<Option<String>> {
     let expected_path = expected_root.join(relative);
     let actual_path = actual_root.join(relative);
     let expected = std::fs::symlink_metadata(&expected_path)
         .with_context(|| format!("cannot inspect {}", expected_path.display()))?;
-    let actual =
-        std::fs::symlink_metadata(&actual_path).with_context(|| format!("cannot inspect {}", actual_path.display()))?;
+    let actual = std::fs::symlink_metadata(&actual_path)
+        .with_context(|| format!("cannot inspect {}", actual_path.display()))?;
     let shown = relative.display();
     if kind_name(&expected) != kind_name(&actual) {
         return Ok(Some(format!(
@@ -94,7 +114,9 @@ fn compare_entries(expected_root: &Path, actual_root: &Path, relative: &Path) ->
     let expected_mode = expected.permissions().mode() & 0o7777;
     let actual_mode = actual.permissions().mode() & 0o7777;
     if expected_mode != actual_mode {
-        return Ok(Some(format!("{shown} has mode {actual_mode:o} instead of {expected_mode:o}")));
+        return Ok(Some(format!(
+            "{shown} has mode {actual_mode:o} instead of {expected_mode:o}"
+        )));
     }
     if expected.is_dir() {
         return compare_directories(expected_root, actual_root, relative);
@@ -115,7 +137,8 @@ fn compare_entries(expected_root: &Path, actual_root: &Path, relative: &Path) ->
 }
 
 fn same_contents(expected_path: &Path, actual_path: &Path) -> Result<bool> {
-    let open = |path: &Path| File::open(path).with_context(|| format!("cannot open {}", path.display()));
+    let open =
+        |path: &Path| File::open(path).with_context(|| format!("cannot open {}", path.display()));
     let mut expected_file = open(expected_path)?;
     let mut actual_file = open(actual_path)?;
     let mut expected_buffer = vec![0; COMPARE_BUFFER_BYTES];
@@ -171,11 +194,24 @@ mod tests {
         );
         std::fs::write(actual.join("etc/motd"), b"hello").unwrap();
 
-        std::fs::set_permissions(actual.join("etc/motd"), std::fs::Permissions::from_mode(0o600)).unwrap();
-        assert!(first_difference(&expected, &actual).unwrap().unwrap().contains("mode 600"));
-        std::fs::set_permissions(actual.join("etc/motd"), std::fs::Permissions::from_mode(
-            std::fs::metadata(expected.join("etc/motd")).unwrap().permissions().mode(),
-        ))
+        std::fs::set_permissions(
+            actual.join("etc/motd"),
+            std::fs::Permissions::from_mode(0o600),
+        )
+        .unwrap();
+        assert!(first_difference(&expected, &actual)
+            .unwrap()
+            .unwrap()
+            .contains("mode 600"));
+        std::fs::set_permissions(
+            actual.join("etc/motd"),
+            std::fs::Permissions::from_mode(
+                std::fs::metadata(expected.join("etc/motd"))
+                    .unwrap()
+                    .permissions()
+                    .mode(),
+            ),
+        )
         .unwrap();
 
         std::fs::remove_dir(actual.join("etc/empty")).unwrap();
