@@ -254,11 +254,9 @@ fn measure_once(vdsync: &Vdsync, scratch_root: &Path, source: &Path) -> Result<M
     let apply_started = Instant::now();
     run_checked(&mut agent_command())?;
     let apply = apply_started.elapsed();
-    let pushed_version = crate::json::parse(&push_output).ok().and_then(|report| {
-        report
-            .get("version")
-            .and_then(crate::json::JsonValue::as_u64)
-    });
+    let pushed_version = serde_json::from_str::<serde_json::Value>(&push_output)
+        .ok()
+        .and_then(|report| report.get("version").and_then(serde_json::Value::as_u64));
     if pushed_version != Some(1) {
         bail!(
             "expected the push to make version 1, it printed {}",

@@ -19,7 +19,6 @@ use crate::harness::{
     narrate, run_checked, start_repository_server, wait_until, BackgroundProcesses,
     ScratchDirectory, Vdsync,
 };
-use crate::json;
 
 /// Long enough for a loaded two-core CI machine, short enough that a hang is noticed.
 const APPLY_TIMEOUT: Duration = Duration::from_secs(30);
@@ -161,11 +160,11 @@ pub fn run() -> Result<()> {
             .arg("--state")
             .arg(&push_state),
     )?;
-    let push_report =
-        json::parse(&push_output).context("cannot read `vdsync push --json` output")?;
+    let push_report = serde_json::from_str::<serde_json::Value>(&push_output)
+        .context("cannot read `vdsync push --json` output")?;
     let pushed_version = push_report
         .get("version")
-        .and_then(json::JsonValue::as_u64)
+        .and_then(serde_json::Value::as_u64)
         .with_context(|| format!("`vdsync push` made no version: {}", push_output.trim()))?;
     println!("    {}", push_output.trim());
 
@@ -273,34 +272,34 @@ fn wait_for_fleet_version(
 
 fn fleet_is_at_version(vdsync: &Vdsync, repository_url: &str, version: u64) -> Result<bool> {
     let output = run_checked(&mut vdsync.command(["fleet", "--json", "--repo", repository_url]))?;
-    let fleet = json::parse(&output).context("cannot read `vdsync fleet --json` output")?;
+    let fleet = serde_json::from_str::<serde_json::Value>(&output)
+        .context("cannot read `vdsync fleet --json` output")?;
     let agents = fleet
         .as_array()
         .context("`vdsync fleet --json` did not print a list")?;
     for (agent_name, _) in MACHINES {
-        let Some(agent) = agents
-            .iter()
-            .find(|agent| agent.get("name").and_then(json::JsonValue::as_str) == Some(agent_name))
-        else {
+        let Some(agent) = agents.iter().find(|agent| {
+            agent.get("name").and_then(serde_json::Value::as_str) == Some(agent_name)
+        }) else {
             // Not registered yet: the agent is still starting.
             return Ok(false);
         };
         let last_outcome = agent.get("last_outcome");
         let failed_version = last_outcome
             .filter(|outcome| {
-                outcome.get("status").and_then(json::JsonValue::as_str) == Some("failed")
+                outcome.get("status").and_then(serde_json::Value::as_str) == Some("failed")
             })
             .and_then(|outcome| outcome.get("version"))
-            .and_then(json::JsonValue::as_u64);
+            .and_then(serde_json::Value::as_u64);
         if failed_version == Some(version) {
             // The agent would retry, but a demo that fails once has already failed.
             let error = last_outcome
                 .and_then(|outcome| outcome.get("error"))
-                .and_then(json::JsonValue::as_str)
+                .and_then(serde_json::Value::as_str)
                 .unwrap_or("no error message");
             bail!("{agent_name} failed to apply version {version}: {error}");
         }
-        if agent.get("version").and_then(json::JsonValue::as_u64) != Some(version) {
+        if agent.get("version").and_then(serde_json::Value::as_u64) != Some(version) {
             return Ok(false);
         }
     }

@@ -10,7 +10,6 @@
 mod bench;
 mod demo;
 mod harness;
-mod json;
 mod tree;
 
 use std::process::ExitCode;
