@@ -332,52 +332,10 @@ pub fn diff(old: &Manifest, new: &Manifest, parent: Option<u64>) -> Changeset {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn path(text: &str) -> RepoPath {
-        RepoPath::parse_str(text).unwrap()
-    }
-
-    fn meta() -> Metadata {
-        Metadata {
-            mode: 0o644,
-            uid: 0,
-            gid: 0,
-            mtime: Timestamp::default(),
-            xattrs: vec![],
-        }
-    }
-
-    fn dir() -> Entry {
-        Entry {
-            kind: EntryKind::Dir,
-            meta: meta(),
-        }
-    }
+    use crate::fixtures::{dir, link, manifest, path};
 
     fn file(content: &str) -> Entry {
-        Entry {
-            kind: EntryKind::File {
-                size: content.len() as u64,
-                hash: Hash::of(content.as_bytes()),
-                segments: None,
-            },
-            meta: meta(),
-        }
-    }
-
-    fn link(target: &str) -> Entry {
-        Entry {
-            kind: EntryKind::HardLink {
-                target: path(target),
-            },
-            meta: meta(),
-        }
-    }
-
-    fn manifest(items: &[(&str, Entry)]) -> Manifest {
-        Manifest {
-            entries: items.iter().map(|(p, e)| (path(p), e.clone())).collect(),
-        }
+        crate::fixtures::file(content.as_bytes())
     }
 
     /// Diffs, checks the summary, and checks that applying the diff to `old` gives `new`.

@@ -357,46 +357,8 @@ fn lock_ignoring_poison<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
-    use vdsync_proto::{Entry, Metadata, PathEntry, RepoPath, Timestamp};
+    use vdsync_proto::fixtures::{dir_entry, file_entry, path};
     use vdsync_store::put_bytes;
-
-    fn path(text: &str) -> RepoPath {
-        RepoPath::parse_str(text).unwrap()
-    }
-
-    fn metadata() -> Metadata {
-        Metadata {
-            mode: 0o644,
-            uid: 0,
-            gid: 0,
-            mtime: Timestamp::default(),
-            xattrs: vec![],
-        }
-    }
-
-    fn dir_entry(at: &str) -> PathEntry {
-        PathEntry {
-            path: path(at),
-            entry: Entry {
-                kind: EntryKind::Dir,
-                meta: metadata(),
-            },
-        }
-    }
-
-    fn file_entry(at: &str, content: &[u8]) -> PathEntry {
-        PathEntry {
-            path: path(at),
-            entry: Entry {
-                kind: EntryKind::File {
-                    size: content.len() as u64,
-                    hash: Hash::of(content),
-                    segments: None,
-                },
-                meta: metadata(),
-            },
-        }
-    }
 
     /// Stores `changeset` as a blob and returns the request that commits it.
     fn request_for(repo: &Repository, changeset: &Changeset, message: &str) -> CommitRequest {

@@ -11,14 +11,14 @@ use std::time::{Duration, Instant};
 use reqwest::blocking::{Client, Response};
 use reqwest::StatusCode;
 use tempfile::TempDir;
+use vdsync_proto::fixtures::{dir_entry, file_entry, path};
 use vdsync_proto::wire::{
     AgentInfo, CommitRequest, ErrorBody, HashList, Head, Hello, Outcome, OutcomeStatus, PackHeader,
     PackStored, VersionInfo, MAX_HASHES_PER_REQUEST,
 };
-use vdsync_proto::{
-    Changeset, Entry, EntryKind, Hash, Manifest, Metadata, PathEntry, RepoPath, Timestamp,
-};
+use vdsync_proto::{Changeset, Hash, Manifest};
 use vdsync_repo::{serve, Repository};
+use vdsync_test_support::wait_until;
 
 /// A server running on its own runtime, torn down when dropped.
 struct TestServer {
@@ -123,44 +123,6 @@ fn error_message(response: Response) -> String {
     response.json::<ErrorBody>().unwrap().error
 }
 
-fn path(text: &str) -> RepoPath {
-    RepoPath::parse_str(text).unwrap()
-}
-
-fn metadata() -> Metadata {
-    Metadata {
-        mode: 0o644,
-        uid: 0,
-        gid: 0,
-        mtime: Timestamp::default(),
-        xattrs: vec![],
-    }
-}
-
-fn dir_entry(at: &str) -> PathEntry {
-    PathEntry {
-        path: path(at),
-        entry: Entry {
-            kind: EntryKind::Dir,
-            meta: metadata(),
-        },
-    }
-}
-
-fn file_entry(at: &str, content: &[u8]) -> PathEntry {
-    PathEntry {
-        path: path(at),
-        entry: Entry {
-            kind: EntryKind::File {
-                size: content.len() as u64,
-                hash: Hash::of(content),
-                segments: None,
-            },
-            meta: metadata(),
-        },
-    }
-}
-
 fn base_changeset() -> Changeset {
     Changeset {
         parent: None,
@@ -175,18 +137,6 @@ fn edit_changeset(parent: u64, content: &[u8]) -> Changeset {
         removed: vec![],
         entries: vec![file_entry("etc/app.conf", content)],
     }
-}
-
-/// Polls `condition` until it holds or `timeout` passes.
-fn wait_until(timeout: Duration, mut condition: impl FnMut() -> bool) -> bool {
-    let deadline = Instant::now() + timeout;
-    while Instant::now() < deadline {
-        if condition() {
-            return true;
-        }
-        thread::sleep(Duration::from_millis(5));
-    }
-    condition()
 }
 
 /// Creates versions 0 and 1 (contents v0 then v1).
@@ -345,10 +295,9 @@ fn long_poll_wakes_when_a_commit_lands() {
     });
     // The poll holds a head receiver while it waits; commit only once it is parked,
     // so the test shows a wake-up rather than an early answer.
-    assert!(wait_until(Duration::from_secs(10), || server
-        .repo
-        .head_subscribers()
-        == 1));
+    wait_until(Duration::from_secs(10), "the long poll to park", || {
+        server.repo.head_subscribers() == 1
+    });
     assert_eq!(
         server.commit(&edit_changeset(0, b"v1"), "edit").status(),
         StatusCode::CREATED
