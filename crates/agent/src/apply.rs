@@ -35,7 +35,7 @@ use std::time::Instant;
 use serde::{Deserialize, Serialize};
 use vdsync_proto::{Changeset, EntryKind, Hash, Metadata, RepoPath};
 use vdsync_store::SegmentReader;
-use vdsync_sys::{RootDir, Special};
+use vdsync_sys::{Errno, RootDir, Special};
 
 use crate::ApplyError;
 
@@ -101,10 +101,14 @@ fn io_at(
     }
 }
 
-fn tree_io(path: &RepoPath, operation: &'static str) -> impl FnOnce(io::Error) -> ApplyError {
-    let path = path.clone();
+/// Builds the error for a failed operation on `path` in the tree; the path is cloned
+/// only when the operation actually failed (this sits on the per-entry hot path).
+fn tree_io<'a>(
+    path: &'a RepoPath,
+    operation: &'static str,
+) -> impl FnOnce(io::Error) -> ApplyError + 'a {
     move |source| ApplyError::Tree {
-        path,
+        path: path.clone(),
         operation,
         source,
     }
@@ -376,41 +380,38 @@ impl Applier {
         let trash = self.trash_dir();
         std::fs::create_dir_all(&trash).map_err(io_at(&trash, "create"))?;
         let trash_dir = File::open(&trash).map_err(io_at(&trash, "open"))?;
+        // Trash names only need to be unique; a re-run after a crash finds the
+        // earlier run's names taken and moves on (NOREPLACE), never overwriting them.
         let mut trash_counter = 0usize;
-        let mut discard = |dir: BorrowedFd<'_>,
-                           name: &[u8],
-                           path: &RepoPath|
-         -> Result<(), ApplyError> {
-            trash_counter += 1;
-            let trash_name = format!("{}-{trash_counter}", journal.version).into_bytes();
-            match vdsync_sys::rename_at(dir, name, trash_dir.as_fd(), &trash_name) {
-                Ok(()) => Ok(()),
-                Err(err) if err.raw_os_error() == Some(rustix::io::Errno::NOENT.raw_os_error()) => {
-                    Ok(())
+        let mut discard =
+            |dir: BorrowedFd<'_>, name: &[u8], path: &RepoPath| -> Result<(), ApplyError> {
+                loop {
+                    trash_counter += 1;
+                    let trash_name = format!("{}-{trash_counter}", journal.version).into_bytes();
+                    let moved =
+                        vdsync_sys::rename_noreplace_at(dir, name, trash_dir.as_fd(), &trash_name);
+                    return match moved.as_ref().map_err(vdsync_sys::errno) {
+                        Ok(()) => Ok(()),
+                        Err(Some(Errno::EXIST)) => continue,
+                        // Already removed by an earlier run.
+                        Err(Some(Errno::NOENT)) => Ok(()),
+                        // Another file system mounted inside the tree: delete in place.
+                        Err(Some(Errno::XDEV)) => vdsync_sys::remove_at(dir, name)
+                            .map(|_| ())
+                            .map_err(tree_io(path, "remove")),
+                        Err(_) => moved.map_err(tree_io(path, "remove")),
+                    };
                 }
-                Err(err)
-                    if err.raw_os_error() == Some(rustix::io::Errno::NOTDIR.raw_os_error()) =>
-                {
-                    Ok(())
-                }
-                // Another file system mounted inside the tree: delete in place.
-                Err(err) if err.raw_os_error() == Some(rustix::io::Errno::XDEV.raw_os_error()) => {
-                    vdsync_sys::remove_at(dir, name)
-                        .map(|_| ())
-                        .map_err(tree_io(path, "remove"))
-                }
-                Err(err) => Err(tree_io(path, "remove")(err)),
-            }
-        };
+            };
 
         for removed in &changeset.removed {
             let parent = match self.root.open_dir(&parent_bytes(removed)) {
                 Ok(parent) => parent,
-                // The parent is gone or is no longer a directory: so is the path.
-                Err(err) if matches!(err.raw_os_error(), Some(code) if code == rustix::io::Errno::NOENT.raw_os_error() || code == rustix::io::Errno::NOTDIR.raw_os_error()) => {
-                    continue
-                }
-                Err(err) => return Err(tree_io(removed, "open parent")(err)),
+                Err(err) => match vdsync_sys::errno(&err) {
+                    // The parent is gone or is no longer a directory: so is the path.
+                    Some(Errno::NOENT | Errno::NOTDIR) => continue,
+                    _ => return Err(tree_io(removed, "open parent")(err)),
+                },
             };
             discard(parent.as_fd(), removed.file_name(), removed)?;
         }
@@ -557,4 +558,49 @@ fn apply_dir_metadata(dir: BorrowedFd<'_>, meta: &Metadata) -> io::Result<()> {
         vdsync_sys::set_xattr(dir, &xattr.name, &xattr.value)?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vdsync_proto::fixtures::path;
+
+    /// Regression: a roll-forward re-run after a crash numbered its trash names from 1
+    /// again, collided with the first run's trash (here a non-empty directory), and
+    /// failed to remove the path.
+    #[test]
+    fn rerun_roll_forward_does_not_collide_with_earlier_trash() {
+        let temp = tempfile::tempdir().unwrap();
+        let root = temp.path().join("root");
+        let state = temp.path().join("state");
+        std::fs::create_dir_all(root.join("keep")).unwrap();
+        std::fs::write(root.join("doomed"), "old").unwrap();
+        std::fs::create_dir_all(state.join("trash/1-1/from-first-run")).unwrap();
+        std::fs::create_dir_all(state.join("stage-1")).unwrap();
+        let journal = Journal {
+            version: 1,
+            stage: state.join("stage-1"),
+            changeset: Changeset {
+                parent: Some(0),
+                removed: vec![path("doomed")],
+                entries: vec![],
+            },
+            warnings: vec![],
+            bytes_fetched: 0,
+        };
+        std::fs::write(
+            state.join("journal.json"),
+            serde_json::to_vec(&journal).unwrap(),
+        )
+        .unwrap();
+
+        let applier = Applier::open(&root, &state).unwrap();
+        let recovered = applier.recover().unwrap().expect("a journal to finish");
+        assert_eq!(recovered.version, 1);
+        assert!(recovered.recovered);
+        assert!(!root.join("doomed").exists());
+        assert!(root.join("keep").is_dir());
+        assert_eq!(applier.current_version().unwrap(), Some(1));
+        assert!(!state.join("journal.json").exists());
+    }
 }

@@ -25,7 +25,6 @@ pub struct FollowOptions<'a> {
 
 #[derive(Debug, Default)]
 pub struct FollowSummary {
-    pub start_version: Option<u64>,
     pub version: Option<u64>,
     pub applied: Vec<Applied>,
 }
@@ -68,7 +67,6 @@ pub fn follow(client: &Client, options: &FollowOptions<'_>) -> Result<FollowSumm
         summary.applied.push(recovered);
     }
     let mut current = applier.current_version()?;
-    summary.start_version = current;
     client.hello(options.name, &Hello { version: current })?;
     loop {
         let head = if options.once {

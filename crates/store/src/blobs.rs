@@ -349,13 +349,7 @@ pub fn ingest_pack(
     max_blob_len: u64,
 ) -> Result<u64, StoreError> {
     let mut stored = 0u64;
-    loop {
-        if input.fill_buf().map_err(StoreError::Stream)?.is_empty() {
-            return Ok(stored);
-        }
-        let mut header = [0u8; PACK_HEADER_LEN];
-        input.read_exact(&mut header).map_err(StoreError::Stream)?;
-        let header = PackHeader::decode(&header);
+    while let Some(header) = read_pack_header(input)? {
         if header.len > max_blob_len {
             return Err(StoreError::TooLarge {
                 hash: header.hash,
@@ -381,6 +375,7 @@ pub fn ingest_pack(
         writer.finish(&header.hash)?;
         stored += 1;
     }
+    Ok(stored)
 }
 
 /// Writes the pack records for `hashes` (the stored form, copied) to `output`.

@@ -57,14 +57,7 @@ impl VersionLog {
     }
 
     pub fn list(&self) -> Result<Vec<VersionInfo>, StoreError> {
-        let txn = self.db.begin_read().map_err(db_error)?;
-        let table = txn.open_table(VERSIONS).map_err(db_error)?;
-        let mut versions = Vec::new();
-        for item in table.iter().map_err(db_error)? {
-            let (_, value) = item.map_err(db_error)?;
-            versions.push(decode(value.value())?);
-        }
-        Ok(versions)
+        self.read_all(VERSIONS)
     }
 
     /// Records the next version if `info.parent` is still the head. `info.version`
@@ -111,14 +104,22 @@ impl VersionLog {
     }
 
     pub fn agents(&self) -> Result<Vec<AgentInfo>, StoreError> {
+        self.read_all(AGENTS)
+    }
+
+    /// Every record of `table`, in key order.
+    fn read_all<K: redb::Key + 'static, T: serde::de::DeserializeOwned>(
+        &self,
+        table: TableDefinition<K, &[u8]>,
+    ) -> Result<Vec<T>, StoreError> {
         let txn = self.db.begin_read().map_err(db_error)?;
-        let table = txn.open_table(AGENTS).map_err(db_error)?;
-        let mut agents = Vec::new();
+        let table = txn.open_table(table).map_err(db_error)?;
+        let mut records = Vec::new();
         for item in table.iter().map_err(db_error)? {
             let (_, value) = item.map_err(db_error)?;
-            agents.push(decode(value.value())?);
+            records.push(decode(value.value())?);
         }
-        Ok(agents)
+        Ok(records)
     }
 }
 

@@ -121,6 +121,29 @@ pub fn rename_at(
     )?)
 }
 
+/// Like [`rename_at`] but fails with `EEXIST` instead of replacing anything.
+pub fn rename_noreplace_at(
+    from: BorrowedFd<'_>,
+    name: &[u8],
+    to: BorrowedFd<'_>,
+    to_name: &[u8],
+) -> io::Result<()> {
+    Ok(rustix::fs::renameat_with(
+        from,
+        OsStr::from_bytes(name),
+        to,
+        OsStr::from_bytes(to_name),
+        rustix::fs::RenameFlags::NOREPLACE,
+    )?)
+}
+
+/// The errno behind an I/O error, for matching on specific failures.
+pub fn errno(err: &io::Error) -> Option<rustix::io::Errno> {
+    rustix::io::Errno::from_io_error(err)
+}
+
+pub use rustix::io::Errno;
+
 pub fn mkdir_at(dir: BorrowedFd<'_>, name: &[u8], mode: u32) -> io::Result<()> {
     Ok(rustix::fs::mkdirat(
         dir,
