@@ -27,7 +27,7 @@ use anyhow::{bail, Context, Result};
 
 use crate::harness::{
     find_on_path, median, narrate, run_checked, seconds, start_repository_server,
-    sync_file_systems, BackgroundProcesses, ScratchDirectory, Vdsync,
+    sync_file_systems, BackgroundProcesses, Vdsync,
 };
 
 /// Three runs give a median that one slow outlier (a page-cache eviction, a build next
@@ -94,10 +94,10 @@ fn spine(repetitions: usize) -> Result<()> {
     if find_on_path("rsync").is_none() {
         bail!("rsync not found: apt-get install -y rsync");
     }
-    let vdsync = Vdsync::build_release()?;
+    let vdsync = crate::harness::build_release()?;
     // Everything (source, repository, agent root, rsync destination) lives under one
     // directory, hence on one file system, so both tools write to the same device.
-    let scratch = ScratchDirectory::create("bench-spine")?;
+    let scratch = crate::harness::scratch_directory("bench-spine")?;
     narrate(format_args!(
         "working in {} ({repetitions} repetitions per workload, `sync` before each timed run)",
         scratch.path().display()
@@ -301,9 +301,11 @@ fn with_trailing_slash(directory: &Path) -> PathBuf {
 }
 
 fn check_copy(source: &Path, copy: &Path, what: &str) -> Result<()> {
-    match crate::tree::first_difference(source, copy)? {
+    let expected = vdsync_test_support::describe_tree(source, &[]);
+    let copied = vdsync_test_support::describe_tree(copy, &[]);
+    match vdsync_test_support::tree_differences(&expected, &copied) {
         None => Ok(()),
-        Some(difference) => bail!("{what} does not match the source: {difference}"),
+        Some(differences) => bail!("{what} does not match the source:\n{differences}"),
     }
 }
 

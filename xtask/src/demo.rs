@@ -16,8 +16,7 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 
 use crate::harness::{
-    narrate, run_checked, start_repository_server, wait_until, BackgroundProcesses,
-    ScratchDirectory, Vdsync,
+    narrate, run_checked, start_repository_server, wait_until, BackgroundProcesses, Vdsync,
 };
 
 /// Long enough for a loaded two-core CI machine, short enough that a hang is noticed.
@@ -65,11 +64,11 @@ const DELETED_FILE: &str = "etc/motd";
 const MACHINES: [(&str, &str); 2] = [("web-1", "a"), ("web-2", "b")];
 
 pub fn run() -> Result<()> {
-    let vdsync = Vdsync::build_release()?;
+    let vdsync = crate::harness::build_release()?;
 
     // Declared before the processes so it is dropped after them: agents must be dead
     // before the directories they write into are removed.
-    let scratch = ScratchDirectory::create("demo")?;
+    let scratch = crate::harness::scratch_directory("demo")?;
     let mut processes = BackgroundProcesses::default();
     narrate(format_args!("working in {}", scratch.path().display()));
 
@@ -308,8 +307,10 @@ fn fleet_is_at_version(vdsync: &Vdsync, repository_url: &str, version: u64) -> R
 
 fn check_machines_match(development_tree: &Path, machine_roots: &[(&str, PathBuf)]) -> Result<()> {
     for (agent_name, machine_root) in machine_roots {
-        if let Some(difference) = crate::tree::first_difference(development_tree, machine_root)? {
-            bail!("{agent_name} reports the version applied, but its tree differs from dev/: {difference}");
+        let expected = vdsync_test_support::describe_tree(development_tree, &[]);
+        let applied = vdsync_test_support::describe_tree(machine_root, &[]);
+        if let Some(differences) = vdsync_test_support::tree_differences(&expected, &applied) {
+            bail!("{agent_name} reports the version applied, but its tree differs from dev/:\n{differences}");
         }
     }
     Ok(())

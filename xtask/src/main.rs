@@ -10,7 +10,6 @@
 mod bench;
 mod demo;
 mod harness;
-mod tree;
 
 use std::process::ExitCode;
 

@@ -7,7 +7,7 @@
 
 use std::collections::BTreeMap;
 use std::ffi::OsStr;
-use std::io::{BufRead, BufReader, Read};
+use std::io::{BufRead, BufReader};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::MetadataExt;
 use std::os::unix::process::CommandExt;
@@ -17,10 +17,28 @@ use std::time::{Duration, Instant};
 
 /// Polls `condition` every 20 ms until it holds; panics naming `what` after `timeout`.
 pub fn wait_until(timeout: Duration, what: &str, mut condition: impl FnMut() -> bool) {
-    let deadline = Instant::now() + timeout;
-    while !condition() {
-        if Instant::now() > deadline {
-            panic!("timed out after {timeout:?} waiting for {what}");
+    if let Err(message) = try_wait_until(timeout, what, || Ok::<bool, String>(condition())) {
+        panic!("{message}");
+    }
+}
+
+/// Polls `condition` every 20 ms until it returns true and returns how long that
+/// took. An error from the condition ends the wait at once (there is no point waiting
+/// for a process that has died); so does `timeout`, with a message naming `what`.
+pub fn try_wait_until<E: std::fmt::Display>(
+    timeout: Duration,
+    what: &str,
+    mut condition: impl FnMut() -> Result<bool, E>,
+) -> Result<Duration, String> {
+    let started = Instant::now();
+    loop {
+        match condition() {
+            Ok(true) => return Ok(started.elapsed()),
+            Ok(false) => {}
+            Err(err) => return Err(format!("while waiting for {what}: {err}")),
+        }
+        if started.elapsed() > timeout {
+            return Err(format!("timed out after {timeout:?} waiting for {what}"));
         }
         std::thread::sleep(Duration::from_millis(20));
     }
@@ -78,7 +96,11 @@ impl Vdsync {
         S: AsRef<OsStr>,
     {
         let mut command = Command::new(&self.binary);
-        command.args(args).env("VDSYNC_LOG", "info");
+        // A repository URL from the caller's shell must not leak into a test.
+        command
+            .args(args)
+            .env("VDSYNC_LOG", "info")
+            .env_remove("VDSYNC_REPO");
         command
     }
 
@@ -138,33 +160,71 @@ impl TestRepo {
 
     /// Serves an existing data directory.
     pub fn serve(vdsync: &Vdsync, data: &Path) -> TestRepo {
-        let mut command = vdsync.command([
-            OsStr::new("repo"),
-            OsStr::new("serve"),
-            OsStr::new("--data"),
-            data.as_os_str(),
-            OsStr::new("--listen"),
-            OsStr::new("127.0.0.1:0"),
-        ]);
-        command.stdout(Stdio::piped()).stderr(Stdio::null());
-        let mut server = GroupChild::spawn(&mut command);
-        let stdout = server.child.stdout.take().expect("piped stdout");
-        let mut line = String::new();
-        BufReader::new(stdout)
-            .read_line(&mut line)
-            .expect("read the server's first line");
-        let url = line
-            .trim()
-            .rsplit(' ')
-            .next()
-            .filter(|url| url.starts_with("http://"))
-            .unwrap_or_else(|| panic!("unexpected first line from repo serve: {line:?}"))
-            .to_owned();
+        let (server, url) = spawn_repository(vdsync, data, Stdio::null())
+            .unwrap_or_else(|message| panic!("{message}"));
         TestRepo {
             url,
             data: data.to_path_buf(),
             server,
         }
+    }
+}
+
+/// How long `repo serve` gets to print its address.
+const SERVER_START_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// Starts `vdsync repo serve` on a free loopback port (in its own process group,
+/// killed with the returned guard) and returns it with its URL, read from the first
+/// line it prints. `stderr` is where its log goes.
+pub fn spawn_repository(
+    vdsync: &Vdsync,
+    data: &Path,
+    stderr: Stdio,
+) -> Result<(GroupChild, String), String> {
+    const ANNOUNCEMENT: &str = "vdsync repository listening on ";
+    let mut command = vdsync.command([
+        OsStr::new("repo"),
+        OsStr::new("serve"),
+        OsStr::new("--data"),
+        data.as_os_str(),
+        OsStr::new("--listen"),
+        OsStr::new("127.0.0.1:0"),
+    ]);
+    command
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(stderr);
+    let mut server = GroupChild::spawn(&mut command);
+    let stdout = server
+        .child
+        .stdout
+        .take()
+        .ok_or("the repository's stdout was not captured")?;
+    // Read on a thread because std has no read with a timeout; the thread then keeps
+    // draining stdout so the server never blocks on a full pipe.
+    let (first_line_sender, first_line_receiver) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut reader = BufReader::new(stdout);
+        let mut line = String::new();
+        let _ = first_line_sender.send(reader.read_line(&mut line).map(|_| line));
+        let _ = std::io::copy(&mut reader, &mut std::io::sink());
+    });
+    let line = match first_line_receiver.recv_timeout(SERVER_START_TIMEOUT) {
+        Ok(Ok(line)) => line,
+        Ok(Err(err)) => return Err(format!("cannot read the repository's output: {err}")),
+        Err(_) => {
+            return Err(format!(
+                "the repository printed nothing within {SERVER_START_TIMEOUT:?}"
+            ))
+        }
+    };
+    match line.trim_end().strip_prefix(ANNOUNCEMENT) {
+        Some(url) if url.starts_with("http://") => Ok((server, url.to_owned())),
+        // An empty first line means the server exited before announcing itself.
+        _ => Err(format!(
+            "the repository did not announce its address (first line {:?})",
+            line.trim_end()
+        )),
     }
 }
 
@@ -177,8 +237,8 @@ pub struct Described {
     pub gid: u32,
     pub mtime: (i64, i64),
     pub xattrs: Vec<(Vec<u8>, Vec<u8>)>,
-    /// BLAKE3-free digest: the content itself for small files, else its length and
-    /// a simple checksum; the target for symlinks; rdev for devices.
+    /// Length and BLAKE3 of a file's content; the target for symlinks; rdev for
+    /// devices.
     pub content: Vec<u8>,
     /// For files with more than one link: the smallest path sharing the inode.
     pub link_group: Option<Vec<u8>>,
@@ -266,32 +326,13 @@ fn walk(
     }
 }
 
+/// Length and BLAKE3 of the content, read in 1 MiB pieces.
 fn content_digest(path: &Path) -> Vec<u8> {
     let mut file = std::fs::File::open(path).expect("open");
-    let mut buffer = vec![0u8; 1 << 20];
-    let mut digest: Vec<u8> = Vec::new();
-    let mut total = 0u64;
-    let mut sum = [0u64; 4];
-    loop {
-        let n = file.read(&mut buffer).expect("read");
-        if n == 0 {
-            break;
-        }
-        if total < 4096 {
-            digest.extend_from_slice(&buffer[..n.min(4096 - total as usize)]);
-        }
-        for (i, byte) in buffer[..n].iter().enumerate() {
-            let position = total + i as u64;
-            sum[(position % 4) as usize] = sum[(position % 4) as usize]
-                .wrapping_mul(31)
-                .wrapping_add(u64::from(*byte) ^ position);
-        }
-        total += n as u64;
-    }
-    digest.extend_from_slice(&total.to_le_bytes());
-    for part in sum {
-        digest.extend_from_slice(&part.to_le_bytes());
-    }
+    let mut hasher = blake3::Hasher::new();
+    let length = std::io::copy(&mut file, &mut hasher).expect("read");
+    let mut digest = length.to_le_bytes().to_vec();
+    digest.extend_from_slice(hasher.finalize().as_bytes());
     digest
 }
 
@@ -313,13 +354,13 @@ fn xattrs(path: &Path) -> Vec<(Vec<u8>, Vec<u8>)> {
     out
 }
 
-/// Asserts two trees are equal, printing the first differences readably.
-pub fn assert_trees_equal(
+/// Every difference between two described trees, one per line; `None` if equal.
+pub fn tree_differences(
     expected: &BTreeMap<Vec<u8>, Described>,
     actual: &BTreeMap<Vec<u8>, Described>,
-) {
+) -> Option<String> {
     if expected == actual {
-        return;
+        return None;
     }
     let mut report = String::new();
     for (path, want) in expected {
@@ -335,8 +376,18 @@ pub fn assert_trees_equal(
     for path in actual.keys().filter(|p| !expected.contains_key(*p)) {
         report.push_str(&format!("unexpected: {}\n", String::from_utf8_lossy(path)));
     }
-    panic!("trees differ:\n{report}");
+    Some(report)
 }
 
-/// Tracks whether `Stdio` handles and the like are used; re-exported for tests.
-pub use tempfile::{tempdir, TempDir};
+/// Asserts two trees are equal, printing the differences readably.
+pub fn assert_trees_equal(
+    expected: &BTreeMap<Vec<u8>, Described>,
+    actual: &BTreeMap<Vec<u8>, Described>,
+) {
+    if let Some(report) = tree_differences(expected, actual) {
+        panic!("trees differ:\n{report}");
+    }
+}
+
+/// Temporary directories, re-exported so tests need not name tempfile.
+pub use tempfile::{tempdir, Builder as TempBuilder, TempDir};
