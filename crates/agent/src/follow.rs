@@ -7,6 +7,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use vdsync_client::Client;
+use vdsync_proto::display::error_chain;
 use vdsync_proto::wire::{Hello, Outcome, OutcomeStatus};
 
 use crate::{Applied, Applier, ApplyError};
@@ -42,19 +43,6 @@ fn outcome_of(applied: &Applied) -> Outcome {
         error: None,
     }
 }
-
-/// An error chain on one line, for reports.
-fn chain(err: &dyn std::error::Error) -> String {
-    let mut text = err.to_string();
-    let mut source = err.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
-}
-
 pub fn follow(client: &Client, options: &FollowOptions<'_>) -> Result<FollowSummary, ApplyError> {
     let applier = Applier::open(options.root, options.state_dir)?;
     let mut summary = FollowSummary::default();
@@ -75,7 +63,7 @@ pub fn follow(client: &Client, options: &FollowOptions<'_>) -> Result<FollowSumm
             match client.wait_head(current, options.poll_wait) {
                 Ok(head) => head,
                 Err(err) => {
-                    tracing::warn!(error = %chain(&err), "repository unreachable; retrying");
+                    tracing::warn!(error = %error_chain(&err), "repository unreachable; retrying");
                     std::thread::sleep(options.retry_after);
                     continue;
                 }
@@ -97,7 +85,7 @@ pub fn follow(client: &Client, options: &FollowOptions<'_>) -> Result<FollowSumm
                     current = Some(version);
                 }
                 Err(err) => {
-                    let message = chain(&err);
+                    let message = error_chain(&err);
                     tracing::error!(version, error = %message, "version failed to apply");
                     report(
                         client,
@@ -150,6 +138,6 @@ fn apply_one(
 /// the version, and the next hello tells it where this machine is.
 fn report(client: &Client, name: &str, outcome: &Outcome) {
     if let Err(err) = client.report(name, outcome) {
-        tracing::warn!(error = %chain(&err), "could not report the outcome");
+        tracing::warn!(error = %error_chain(&err), "could not report the outcome");
     }
 }

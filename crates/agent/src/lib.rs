@@ -37,7 +37,7 @@ pub enum ApplyError {
         #[source]
         source: ChangesetError,
     },
-    #[error("version {version} applies to version {}, but this tree is at version {}", show(.expected), show(.actual))]
+    #[error("version {version} applies to version {}, but this tree is at version {}", vdsync_proto::display::show_version(.expected), vdsync_proto::display::show_version(.actual))]
     WrongParent {
         version: u64,
         expected: Option<u64>,
@@ -46,11 +46,6 @@ pub enum ApplyError {
     #[error(transparent)]
     Repository(#[from] vdsync_client::ClientError),
 }
-
-fn show(version: &Option<u64>) -> String {
-    version.map_or_else(|| "none".to_owned(), |v| v.to_string())
-}
-
 impl BlobSource for vdsync_client::Client {
     fn fetch(
         &self,

@@ -4,6 +4,7 @@
 //! `proto` does no I/O and has no async runtime: everything here is plain data and
 //! pure functions, tested without a file system or a network.
 
+pub mod display;
 #[cfg(any(test, feature = "fixtures"))]
 pub mod fixtures;
 mod hash;

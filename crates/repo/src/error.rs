@@ -32,8 +32,8 @@ pub enum RepoError {
     },
     #[error(
         "the commit names parent {} but changeset {hash} was computed against {}",
-        show_version(.request_parent),
-        show_version(.changeset_parent)
+        vdsync_proto::display::show_version(.request_parent),
+        vdsync_proto::display::show_version(.changeset_parent)
     )]
     ParentMismatch {
         hash: Hash,
@@ -46,7 +46,7 @@ pub enum RepoError {
         #[source]
         source: ChangesetError,
     },
-    #[error("changeset {hash} does not apply to version {}", show_version(.parent))]
+    #[error("changeset {hash} does not apply to version {}", vdsync_proto::display::show_version(.parent))]
     ChangesetDoesNotApply {
         hash: Hash,
         parent: Option<u64>,
@@ -61,8 +61,8 @@ pub enum RepoError {
     },
     #[error(
         "stale parent: the change was made against version {} but the head is version {}",
-        show_version(.parent),
-        show_version(.head)
+        vdsync_proto::display::show_version(.parent),
+        vdsync_proto::display::show_version(.head)
     )]
     StaleParent {
         parent: Option<u64>,
@@ -80,7 +80,7 @@ pub enum RepoError {
         #[source]
         source: serde_json::Error,
     },
-    #[error("the stored changeset of version {version} does not apply to version {}", show_version(.parent))]
+    #[error("the stored changeset of version {version} does not apply to version {}", vdsync_proto::display::show_version(.parent))]
     StoredChainBroken {
         version: u64,
         parent: Option<u64>,
@@ -162,23 +162,6 @@ impl From<StoreError> for RepoError {
     }
 }
 
-/// The message followed by every `source`, joined by `: `, as one line for an
-/// `ErrorBody` or a log.
-pub fn message_chain(error: &dyn std::error::Error) -> String {
-    let mut message = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        message.push_str(": ");
-        message.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    message
-}
-
-fn show_version(version: &Option<u64>) -> String {
-    version.map_or_else(|| "none".to_owned(), |number| number.to_string())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -190,7 +173,7 @@ mod tests {
             actual: Hash::of(b"b"),
         });
         assert_eq!(
-            message_chain(&error),
+            vdsync_proto::display::error_chain(&error),
             format!(
                 "pack refused: blob content hashes to {}, not {}",
                 Hash::of(b"b"),

@@ -23,7 +23,6 @@ use vdsync_proto::wire::{
 };
 use vdsync_proto::Hash;
 
-use crate::error::message_chain;
 use crate::streaming::{ingest_body, stream_pack};
 use crate::{RepoError, Repository};
 
@@ -230,7 +229,7 @@ fn json_bytes<T: serde::Serialize>(value: &T) -> Result<Response, RepoError> {
 impl IntoResponse for RepoError {
     fn into_response(self) -> Response {
         let status = self.status();
-        let message = message_chain(&self);
+        let message = vdsync_proto::display::error_chain(&self);
         warn!(status = status.as_u16(), "request refused: {message}");
         (status, Json(ErrorBody { error: message })).into_response()
     }

@@ -17,6 +17,6 @@ mod repository;
 mod streaming;
 
 pub use agents::{validate_agent_name, MAX_AGENT_NAME_LEN};
-pub use error::{message_chain, RepoError};
+pub use error::RepoError;
 pub use http::{router, serve, DEFAULT_HEAD_WAIT, JSON_BODY_LIMIT, MAX_HEAD_WAIT};
 pub use repository::{Repository, MAX_CHANGESET_BLOB_LEN};

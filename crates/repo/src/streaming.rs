@@ -19,7 +19,6 @@ use tracing::warn;
 use vdsync_proto::Hash;
 use vdsync_store::{ingest_pack, write_pack};
 
-use crate::error::message_chain;
 use crate::http::run_blocking;
 use crate::{RepoError, Repository};
 
@@ -58,7 +57,7 @@ pub(crate) fn stream_pack(repo: Arc<Repository>, hashes: Vec<Hash>) -> Body {
     tokio::task::spawn_blocking(move || {
         let mut writer = ChannelWriter::new(chunk_sender);
         let written = write_pack(repo.blobs(), &hashes, &mut writer)
-            .map_err(|error| io::Error::other(message_chain(&error)))
+            .map_err(|error| io::Error::other(vdsync_proto::display::error_chain(&error)))
             .and_then(|()| writer.flush());
         if let Err(error) = written {
             // A client that stopped reading is not worth a warning of its own.

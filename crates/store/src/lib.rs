@@ -41,7 +41,7 @@ pub enum StoreError {
     },
     #[error("blob {hash} of {len} bytes exceeds the limit of {limit} bytes")]
     TooLarge { hash: Hash, len: u64, limit: u64 },
-    #[error("stale parent: the change was made against version {} but the head is version {}", show(.parent), show(.head))]
+    #[error("stale parent: the change was made against version {} but the head is version {}", vdsync_proto::display::show_version(.parent), vdsync_proto::display::show_version(.head))]
     StaleParent {
         parent: Option<u64>,
         head: Option<u64>,
@@ -50,8 +50,4 @@ pub enum StoreError {
     Database(#[source] Box<redb::Error>),
     #[error("corrupt record in the database: {0}")]
     Corrupt(String),
-}
-
-fn show(version: &Option<u64>) -> String {
-    version.map_or_else(|| "none".to_owned(), |v| v.to_string())
 }

@@ -33,15 +33,11 @@ pub enum TrackError {
     KeptChanging(PathBuf),
     #[error("{0} changed while it was uploaded")]
     ChangedDuringPush(RepoPath),
-    #[error("this tree was last pushed as version {} but the repository head is {}; another push landed in between (remove the state directory's index.json to rebase onto the head, re-hashing every file)", show(.pushed), show(.head))]
+    #[error("this tree was last pushed as version {} but the repository head is {}; another push landed in between (remove the state directory's index.json to rebase onto the head, re-hashing every file)", vdsync_proto::display::show_version(.pushed), vdsync_proto::display::show_version(.head))]
     DivergedFromRepository {
         pushed: Option<u64>,
         head: Option<u64>,
     },
     #[error(transparent)]
     Repository(#[from] vdsync_client::ClientError),
-}
-
-fn show(version: &Option<u64>) -> String {
-    version.map_or_else(|| "none".to_owned(), |v| v.to_string())
 }
