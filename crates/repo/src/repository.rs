@@ -144,9 +144,16 @@ impl Repository {
                 head,
             });
         }
-        let mut manifest = match request.parent {
-            None => Manifest::default(),
-            Some(parent) => self.manifest(parent)?,
+        // The cached head manifest is taken, not cloned: a commit costs what its
+        // changeset costs, not what the tree costs. If the changeset does not apply,
+        // the cache stays empty and the next reader folds it again.
+        let cached = lock_ignoring_poison(&self.manifest_cache)
+            .take_if(|cached| Some(cached.version) == request.parent)
+            .map(|cached| cached.manifest);
+        let mut manifest = match (cached, request.parent) {
+            (Some(manifest), _) => manifest,
+            (None, None) => Manifest::default(),
+            (None, Some(parent)) => self.manifest(parent)?,
         };
         manifest
             .apply(&changeset)
