@@ -11,10 +11,13 @@
 //! - vdsync: `push --rescan` of the whole source (a fresh push state, so every file is
 //!   read and hashed) into a repository initialized from an empty tree, then
 //!   `agent --once` on a root already at version 0, so it applies exactly version 1.
-//! - rsync: `rsync -a SRC/ DST/` into an empty destination.
+//! - rsync: `rsync -a SRC/ DST/` into an empty destination, and separately the `sync`
+//!   that follows it.
 //!
-//! Not a fair fight in one respect, deliberately left in: the agent fsyncs every file
-//! before renaming it into place (atomic versions survive a crash), rsync does not.
+//! vdsync makes every version durable (the repository syncs before acknowledging,
+//! the agent syncs before and after placing files), rsync leaves its copy in the page
+//! cache. So the table shows both `rsync -a` alone and `rsync -a; sync`, the cost of
+//! an rsync copy that survives a power cut.
 
 use std::fmt::Write as _;
 use std::fs::File;
@@ -55,6 +58,8 @@ struct Measurement {
     push: Duration,
     apply: Duration,
     rsync: Duration,
+    /// `rsync -a` plus the `sync` that makes its copy durable.
+    rsync_then_sync: Duration,
 }
 
 impl Measurement {
@@ -70,6 +75,7 @@ struct WorkloadResult {
     apply: Duration,
     push_and_apply: Duration,
     rsync: Duration,
+    rsync_then_sync: Duration,
 }
 
 pub fn run(arguments: &[String]) -> Result<()> {
@@ -160,11 +166,12 @@ fn measure_workload(
         let measurement = measure_once(vdsync, scratch_root, &source)
             .with_context(|| format!("{}: repetition {repetition} failed", workload.table_name))?;
         println!(
-            "    run {repetition}/{repetitions}: push {}  apply {}  push+apply {}  rsync -a {}",
+            "    run {repetition}/{repetitions}: push {}  apply {}  push+apply {}  rsync -a {}  rsync -a; sync {}",
             seconds(measurement.push),
             seconds(measurement.apply),
             seconds(measurement.push_and_apply()),
-            seconds(measurement.rsync)
+            seconds(measurement.rsync),
+            seconds(measurement.rsync_then_sync)
         );
         measurements.push(measurement);
     }
@@ -180,6 +187,7 @@ fn measure_workload(
         apply: column(|measurement| measurement.apply)?,
         push_and_apply: column(Measurement::push_and_apply)?,
         rsync: column(|measurement| measurement.rsync)?,
+        rsync_then_sync: column(|measurement| measurement.rsync_then_sync)?,
     })
 }
 
@@ -278,12 +286,19 @@ fn measure_once(vdsync: &Vdsync, scratch_root: &Path, source: &Path) -> Result<M
             .arg(with_trailing_slash(&rsync_destination)),
     )?;
     let rsync = rsync_started.elapsed();
+    sync_file_systems()?;
+    let rsync_then_sync = rsync_started.elapsed();
     check_copy(source, &rsync_destination, "the rsync destination")?;
 
     // Removed now, not at the end: three 1 GiB copies per run would otherwise pile up.
     std::fs::remove_dir_all(&run_directory)
         .with_context(|| format!("cannot remove {}", run_directory.display()))?;
-    Ok(Measurement { push, apply, rsync })
+    Ok(Measurement {
+        push,
+        apply,
+        rsync,
+        rsync_then_sync,
+    })
 }
 
 /// The 1-minute load average from /proc/loadavg, or "unknown".
@@ -415,17 +430,19 @@ fn format_tables(results: &[WorkloadResult], repetitions: usize) -> String {
     );
     let _ = writeln!(
         text,
-        "{:<20}{:>19}{:>11}   ratio",
-        "workload", "vdsync push+apply", "rsync -a"
+        "{:<20}{:>19}{:>11}{:>17}   ratio to rsync -a / to rsync -a; sync",
+        "workload", "vdsync push+apply", "rsync -a", "rsync -a; sync"
     );
     for result in results {
         let _ = writeln!(
             text,
-            "{:<20}{:>19}{:>11}   {}",
+            "{:<20}{:>19}{:>11}{:>17}   {} / {}",
             result.table_name,
             seconds(result.push_and_apply),
             seconds(result.rsync),
-            ratio_text(result.push_and_apply, result.rsync)
+            seconds(result.rsync_then_sync),
+            ratio_text(result.push_and_apply, result.rsync),
+            ratio_text(result.push_and_apply, result.rsync_then_sync)
         );
     }
     let _ = writeln!(text);
