@@ -3,8 +3,13 @@
 //! durability (fsync, syncfs).
 //!
 //! This crate decides nothing; it gives the other crates one obvious way to make
-//! each system call correctly. It is the only place allowed to hold `unsafe` (today
-//! it needs none: rustix covers every call).
+//! each system call correctly. It is the only place allowed to hold `unsafe`: the
+//! calls rustix does not cover (fanotify with file handles, `open_by_handle_at`)
+//! live here, each block with its `// SAFETY:` argument.
+
+#![allow(unsafe_code)]
+
+pub mod fanotify;
 
 use std::ffi::OsStr;
 use std::fs::File;
