@@ -5,6 +5,8 @@
 //! state in `--state`.
 
 pub mod excludes;
+pub mod index_db;
+pub mod journal;
 pub mod push;
 pub mod scan;
 

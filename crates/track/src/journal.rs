@@ -1,0 +1,289 @@
+//! The tracker's journal: which paths changed since the last push, kept in redb in
+//! `--state` so it survives restarts of the tracker and of the machine.
+//!
+//! The journal records *names*, not what happened to them. Whether a name is now
+//! new, modified, deleted or back to what was pushed is decided when `status` or
+//! `push` looks at it (stat against the index). So events coalesce for free: a temp
+//! file created, written and deleted leaves a name that resolves to nothing; a chain
+//! of renames leaves names of which only the last exists. A `Subtree` mark covers
+//! everything below a name (a directory moved in or out); a root mark covers the
+//! whole tree (queue overflow, tracker start, any doubt) and says why.
+//!
+//! Every mark carries the sequence number of the batch that wrote it. A push takes a
+//! snapshot at sequence S and, once committed, clears marks with sequence ≤ S; a
+//! change made during the push gets a later sequence and stays.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use redb::{Database, ReadableTable, ReadableTableMetadata, TableDefinition};
+use serde::{Deserialize, Serialize};
+use vdsync_proto::RepoPath;
+
+use crate::TrackError;
+
+const MARKS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("marks");
+const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
+const SEQUENCE_KEY: &str = "sequence";
+const ROOT_KEY: &str = "root";
+
+/// Kept small: the journal of a million paths lives on disk, not in the tracker's
+/// memory.
+const CACHE_BYTES: usize = 8 << 20;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, PartialOrd, Ord)]
+#[serde(rename_all = "snake_case")]
+pub enum Mark {
+    /// Look at this name.
+    Path,
+    /// Look at this name and everything below it.
+    Subtree,
+}
+
+/// Why the whole root must be rescanned, and since which batch.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RootRescan {
+    pub sequence: u64,
+    pub reason: String,
+}
+
+/// What a push or status works from.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Snapshot {
+    /// Marks with a sequence up to this one are included.
+    pub sequence: u64,
+    pub root: Option<RootRescan>,
+    /// Sorted by path; no mark lies below a `Subtree` mark.
+    pub marks: Vec<(RepoPath, Mark)>,
+}
+
+pub struct Journal {
+    db: Database,
+    path: PathBuf,
+}
+
+fn key_of(path: &RepoPath) -> Vec<u8> {
+    path.as_bytes()
+        .iter()
+        .map(|&b| if b == b'/' { 0 } else { b })
+        .collect()
+}
+
+fn path_of(key: &[u8]) -> Option<RepoPath> {
+    let bytes: Vec<u8> = key.iter().map(|&b| if b == 0 { b'/' } else { b }).collect();
+    RepoPath::parse(&bytes).ok()
+}
+
+fn encode_mark(mark: Mark, sequence: u64) -> [u8; 9] {
+    let mut out = [0u8; 9];
+    out[0] = match mark {
+        Mark::Path => 1,
+        Mark::Subtree => 2,
+    };
+    out[1..].copy_from_slice(&sequence.to_le_bytes());
+    out
+}
+
+fn decode_mark(bytes: &[u8]) -> Option<(Mark, u64)> {
+    let mark = match bytes.first()? {
+        1 => Mark::Path,
+        2 => Mark::Subtree,
+        _ => return None,
+    };
+    let sequence = u64::from_le_bytes(bytes.get(1..9)?.try_into().ok()?);
+    Some((mark, sequence))
+}
+
+impl Journal {
+    pub fn open(path: &Path) -> Result<Journal, TrackError> {
+        let db = Database::builder()
+            .set_cache_size(CACHE_BYTES)
+            .create(path)
+            .map_err(|err| db_error(path, err))?;
+        let journal = Journal {
+            db,
+            path: path.to_path_buf(),
+        };
+        let txn = journal.db.begin_write().map_err(|e| journal.error(e))?;
+        txn.open_table(MARKS).map_err(|e| journal.error(e))?;
+        txn.open_table(META).map_err(|e| journal.error(e))?;
+        txn.commit().map_err(|e| journal.error(e))?;
+        Ok(journal)
+    }
+
+    fn error(&self, err: impl Into<redb::Error>) -> TrackError {
+        db_error(&self.path, err)
+    }
+
+    /// Records one batch of marks (and, if given, a whole-root rescan) durably, as
+    /// one transaction. Returns the batch's sequence number.
+    pub fn record(
+        &self,
+        marks: &BTreeMap<RepoPath, Mark>,
+        root_reason: Option<&str>,
+    ) -> Result<u64, TrackError> {
+        let txn = self.db.begin_write().map_err(|e| self.error(e))?;
+        let sequence;
+        {
+            let mut meta = txn.open_table(META).map_err(|e| self.error(e))?;
+            let previous = meta
+                .get(SEQUENCE_KEY)
+                .map_err(|e| self.error(e))?
+                .and_then(|v| v.value().try_into().ok().map(u64::from_le_bytes))
+                .unwrap_or(0);
+            sequence = previous + 1;
+            meta.insert(SEQUENCE_KEY, sequence.to_le_bytes().as_slice())
+                .map_err(|e| self.error(e))?;
+            if let Some(reason) = root_reason {
+                let record = serde_json::to_vec(&RootRescan {
+                    sequence,
+                    reason: reason.to_owned(),
+                })
+                .unwrap_or_default();
+                meta.insert(ROOT_KEY, record.as_slice())
+                    .map_err(|e| self.error(e))?;
+            }
+            let mut table = txn.open_table(MARKS).map_err(|e| self.error(e))?;
+            for (path, mark) in marks {
+                let key = key_of(path);
+                // A subtree mark is never weakened by a later plain one.
+                let kept = table
+                    .get(key.as_slice())
+                    .map_err(|e| self.error(e))?
+                    .and_then(|v| decode_mark(v.value()))
+                    .map_or(*mark, |(old, _)| old.max(*mark));
+                table
+                    .insert(key.as_slice(), encode_mark(kept, sequence).as_slice())
+                    .map_err(|e| self.error(e))?;
+            }
+        }
+        txn.commit().map_err(|e| self.error(e))?;
+        Ok(sequence)
+    }
+
+    /// Everything recorded so far, with marks below subtree marks left out.
+    pub fn snapshot(&self) -> Result<Snapshot, TrackError> {
+        let txn = self.db.begin_read().map_err(|e| self.error(e))?;
+        let meta = txn.open_table(META).map_err(|e| self.error(e))?;
+        let sequence = meta
+            .get(SEQUENCE_KEY)
+            .map_err(|e| self.error(e))?
+            .and_then(|v| v.value().try_into().ok().map(u64::from_le_bytes))
+            .unwrap_or(0);
+        let root = meta
+            .get(ROOT_KEY)
+            .map_err(|e| self.error(e))?
+            .and_then(|v| serde_json::from_slice(v.value()).ok());
+        let table = txn.open_table(MARKS).map_err(|e| self.error(e))?;
+        let mut marks: Vec<(RepoPath, Mark)> = Vec::new();
+        let mut covering: Option<RepoPath> = None;
+        for item in table.iter().map_err(|e| self.error(e))? {
+            let (key, value) = item.map_err(|e| self.error(e))?;
+            let (Some(path), Some((mark, _))) = (path_of(key.value()), decode_mark(value.value()))
+            else {
+                continue;
+            };
+            if covering.as_ref().is_some_and(|top| path.starts_with(top)) {
+                continue;
+            }
+            if mark == Mark::Subtree {
+                covering = Some(path.clone());
+            }
+            marks.push((path, mark));
+        }
+        Ok(Snapshot {
+            sequence,
+            root,
+            marks,
+        })
+    }
+
+    /// Forgets what a push up to `sequence` has covered.
+    pub fn clear_upto(&self, sequence: u64) -> Result<(), TrackError> {
+        let txn = self.db.begin_write().map_err(|e| self.error(e))?;
+        {
+            let mut table = txn.open_table(MARKS).map_err(|e| self.error(e))?;
+            table
+                .retain(|_, value| decode_mark(value).is_some_and(|(_, seq)| seq > sequence))
+                .map_err(|e| self.error(e))?;
+            let mut meta = txn.open_table(META).map_err(|e| self.error(e))?;
+            let root: Option<RootRescan> = meta
+                .get(ROOT_KEY)
+                .map_err(|e| self.error(e))?
+                .and_then(|v| serde_json::from_slice(v.value()).ok());
+            if root.is_some_and(|root| root.sequence <= sequence) {
+                meta.remove(ROOT_KEY).map_err(|e| self.error(e))?;
+            }
+        }
+        txn.commit().map_err(|e| self.error(e))
+    }
+
+    /// Number of marks stored (for status and benchmarks).
+    pub fn len(&self) -> Result<u64, TrackError> {
+        let txn = self.db.begin_read().map_err(|e| self.error(e))?;
+        let table = txn.open_table(MARKS).map_err(|e| self.error(e))?;
+        table.len().map_err(|e| self.error(e))
+    }
+}
+
+fn db_error(path: &Path, err: impl Into<redb::Error>) -> TrackError {
+    TrackError::CorruptState {
+        path: path.to_path_buf(),
+        message: err.into().to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vdsync_proto::fixtures::path;
+
+    fn marks(items: &[(&str, Mark)]) -> BTreeMap<RepoPath, Mark> {
+        items.iter().map(|(p, m)| (path(p), *m)).collect()
+    }
+
+    #[test]
+    fn marks_coalesce_and_clear_by_sequence() {
+        let temp = tempfile::tempdir().unwrap();
+        let journal = Journal::open(&temp.path().join("journal.redb")).unwrap();
+        let first = journal
+            .record(
+                &marks(&[("a", Mark::Subtree), ("a/x", Mark::Path), ("b", Mark::Path)]),
+                Some("tracker started"),
+            )
+            .unwrap();
+        // A later plain mark does not weaken the subtree mark.
+        let second = journal
+            .record(&marks(&[("a", Mark::Path), ("c", Mark::Path)]), None)
+            .unwrap();
+        assert!(second > first);
+        let snapshot = journal.snapshot().unwrap();
+        assert_eq!(snapshot.sequence, second);
+        assert_eq!(snapshot.root.as_ref().unwrap().reason, "tracker started");
+        let shown: Vec<(String, Mark)> = snapshot
+            .marks
+            .iter()
+            .map(|(p, m)| (p.to_string(), *m))
+            .collect();
+        assert_eq!(
+            shown,
+            [
+                ("a".to_owned(), Mark::Subtree),
+                ("b".to_owned(), Mark::Path),
+                ("c".to_owned(), Mark::Path)
+            ]
+        );
+
+        // A push of the first batch clears it and the root mark; a change made
+        // during the push (a later batch) stays.
+        journal.clear_upto(first).unwrap();
+        let after = journal.snapshot().unwrap();
+        assert!(after.root.is_none());
+        let shown: Vec<String> = after.marks.iter().map(|(p, _)| p.to_string()).collect();
+        assert_eq!(shown, ["a", "c"]);
+
+        drop(journal);
+        let reopened = Journal::open(&temp.path().join("journal.redb")).unwrap();
+        assert_eq!(reopened.len().unwrap(), 2);
+    }
+}
