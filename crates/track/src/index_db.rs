@@ -52,6 +52,20 @@ impl IndexDb {
         Ok(index)
     }
 
+    /// An empty index that lives only in memory (for `status` before any push).
+    pub fn in_memory() -> Result<IndexDb, TrackError> {
+        let path = PathBuf::from("(in memory)");
+        let db = Database::builder()
+            .create_with_backend(redb::backends::InMemoryBackend::new())
+            .map_err(|err| db_error(&path, err))?;
+        let index = IndexDb { db, path };
+        let txn = index.db.begin_write().map_err(|e| index.error(e))?;
+        txn.open_table(ENTRIES).map_err(|e| index.error(e))?;
+        txn.open_table(META).map_err(|e| index.error(e))?;
+        txn.commit().map_err(|e| index.error(e))?;
+        Ok(index)
+    }
+
     fn error(&self, err: impl Into<redb::Error>) -> TrackError {
         db_error(&self.path, err)
     }

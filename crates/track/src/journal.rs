@@ -219,7 +219,7 @@ impl Journal {
     }
 
     /// Number of marks stored (for status and benchmarks).
-    pub fn len(&self) -> Result<u64, TrackError> {
+    pub fn mark_count(&self) -> Result<u64, TrackError> {
         let txn = self.db.begin_read().map_err(|e| self.error(e))?;
         let table = txn.open_table(MARKS).map_err(|e| self.error(e))?;
         table.len().map_err(|e| self.error(e))
@@ -284,6 +284,6 @@ mod tests {
 
         drop(journal);
         let reopened = Journal::open(&temp.path().join("journal.redb")).unwrap();
-        assert_eq!(reopened.len().unwrap(), 2);
+        assert_eq!(reopened.mark_count().unwrap(), 2);
     }
 }

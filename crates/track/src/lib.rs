@@ -4,11 +4,14 @@
 //! `track` never writes into the development tree; it reads it and keeps its own
 //! state in `--state`.
 
+pub mod changes;
 pub mod excludes;
 pub mod index_db;
 pub mod journal;
 pub mod push;
 pub mod scan;
+pub mod status;
+pub mod tracker;
 
 use std::path::PathBuf;
 
@@ -35,11 +38,21 @@ pub enum TrackError {
     KeptChanging(PathBuf),
     #[error("{0} changed while it was uploaded")]
     ChangedDuringPush(RepoPath),
-    #[error("this tree was last pushed as version {} but the repository head is {}; another push landed in between (remove the state directory's index.json to rebase onto the head, re-hashing every file)", vdsync_proto::display::show_version(.pushed), vdsync_proto::display::show_version(.head))]
+    #[error("this tree was last pushed as version {} but the repository head is {}; another push landed in between (remove index.redb from the state directory to start again from the head, re-hashing every file)", vdsync_proto::display::show_version(.pushed), vdsync_proto::display::show_version(.head))]
     DivergedFromRepository {
         pushed: Option<u64>,
         head: Option<u64>,
     },
+    #[error("another tracker already uses the state directory {0}")]
+    AlreadyTracking(PathBuf),
+    #[error("cannot watch {path} for changes")]
+    Watch {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the tracker answered: {0}")]
+    Tracker(String),
     #[error(transparent)]
     Repository(#[from] vdsync_client::ClientError),
 }

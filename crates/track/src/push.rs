@@ -6,7 +6,7 @@
 //! the index was pushed as. The index advances only after the repository
 //! acknowledged the commit, so a failed or refused push can simply be run again.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
 use std::io::Read;
 use std::os::unix::ffi::OsStrExt;
@@ -14,12 +14,14 @@ use std::path::{Path, PathBuf};
 
 use vdsync_client::{Client, UploadItem};
 use vdsync_proto::wire::CommitRequest;
-use vdsync_proto::{diff, Changeset, EntryKind, Hash, RepoPath};
-
-use crate::excludes::Excludes;
+use vdsync_proto::{Changeset, Entry, EntryKind, Hash, RepoPath};
 use vdsync_store::SegmentReader;
 
-use crate::scan::{hash_file, scan, Index};
+use crate::changes::{collect, Source};
+use crate::excludes::Excludes;
+use crate::index_db::IndexDb;
+use crate::scan::{hash_file, Index};
+use crate::tracker::{request_clear, request_snapshot};
 use crate::TrackError;
 
 /// Upload packs close at this many content bytes or this many blobs, so a failed
@@ -42,6 +44,8 @@ pub struct PushOptions<'a> {
     pub state_dir: &'a Path,
     pub message: String,
     pub dry_run: bool,
+    /// Scan the whole tree even if a tracker's journal is available.
+    pub rescan: bool,
     pub excludes: &'a Excludes,
     pub progress: Option<std::sync::Arc<dyn Progress>>,
 }
@@ -57,12 +61,36 @@ pub struct PushReport {
     pub deleted: u64,
     pub blobs_sent: u64,
     pub bytes_sent: u64,
+    /// Whether the journal or a full scan found the changes.
+    pub source: Source,
     #[serde(skip)]
     pub changeset: Changeset,
+    /// Old entries of changed paths, to tell new from modified.
+    #[serde(skip)]
+    pub before: BTreeMap<RepoPath, Entry>,
 }
 
 pub fn index_path(state_dir: &Path) -> PathBuf {
-    state_dir.join("index.json")
+    state_dir.join("index.redb")
+}
+
+/// Opens the index in `state_dir`, importing the repository's head manifest the
+/// first time (every file is then hashed once, as after a `git clone`).
+fn open_index(client: &Client, state_dir: &Path) -> Result<(IndexDb, Option<u64>), TrackError> {
+    let head = client.head()?;
+    let index = IndexDb::open(&index_path(state_dir))?;
+    if index.is_empty()? {
+        let imported = match head {
+            Some(head) => Index::from_manifest(Some(head), client.manifest(head)?),
+            None => Index::default(),
+        };
+        index.store(&imported)?;
+    }
+    let pushed = index.version()?;
+    if pushed != head {
+        return Err(TrackError::DivergedFromRepository { pushed, head });
+    }
+    Ok((index, head))
 }
 
 pub fn push(client: &Client, options: &PushOptions<'_>) -> Result<PushReport, TrackError> {
@@ -83,27 +111,21 @@ fn push_once(client: &Client, options: &PushOptions<'_>) -> Result<PushReport, T
         path: options.state_dir.to_path_buf(),
         source,
     })?;
-    let head = client.head()?;
-    let index_file = index_path(options.state_dir);
-    let previous = match Index::load(&index_file)? {
-        Some(index) => {
-            if index.version != head {
-                return Err(TrackError::DivergedFromRepository {
-                    pushed: index.version,
-                    head,
-                });
-            }
-            index
-        }
-        // First push from this state directory: start from what the repository has.
-        None => match head {
-            Some(head) => Index::from_manifest(Some(head), client.manifest(head)?),
-            None => Index::default(),
-        },
+    let (index, head) = open_index(client, options.state_dir)?;
+    let snapshot = if options.rescan {
+        None
+    } else {
+        request_snapshot(options.state_dir)?
     };
-
-    let current = scan(options.root, options.excludes, &previous)?;
-    let changeset = diff(&previous.manifest(), &current.manifest(), head);
+    let changes = collect(
+        options.root,
+        options.excludes,
+        &index,
+        snapshot,
+        options.rescan.then(|| "--rescan was given".to_owned()),
+        head,
+    )?;
+    let changeset = changes.changeset;
     let dirs = changeset
         .entries
         .iter()
@@ -117,16 +139,17 @@ fn push_once(client: &Client, options: &PushOptions<'_>) -> Result<PushReport, T
         deleted: changeset.removed.len() as u64,
         blobs_sent: 0,
         bytes_sent: 0,
+        source: changes.source,
         changeset,
+        before: changes.before,
     };
     if options.dry_run {
         return Ok(report);
     }
     if report.changeset.is_empty() {
         // Still worth saving: fresh stat keys make the next scan cheaper.
-        let mut refreshed = current;
-        refreshed.version = head;
-        refreshed.save(&index_file)?;
+        changes.index_update.write(&index, head)?;
+        clear_journal(options.state_dir, changes.journal_sequence);
         return Ok(report);
     }
 
@@ -164,7 +187,7 @@ fn push_once(client: &Client, options: &PushOptions<'_>) -> Result<PushReport, T
 
     let changeset_json =
         serde_json::to_vec(&report.changeset).map_err(|err| TrackError::CorruptState {
-            path: index_file.clone(),
+            path: index_path(options.state_dir),
             message: err.to_string(),
         })?;
     let changeset_hash = Hash::of(&changeset_json);
@@ -185,11 +208,22 @@ fn push_once(client: &Client, options: &PushOptions<'_>) -> Result<PushReport, T
     if let Some(progress) = &options.progress {
         progress.finish();
     }
-    let mut pushed = current;
-    pushed.version = Some(committed.version);
-    pushed.save(&index_file)?;
+    changes
+        .index_update
+        .write(&index, Some(committed.version))?;
+    clear_journal(options.state_dir, changes.journal_sequence);
     report.version = Some(committed.version);
     Ok(report)
+}
+
+/// Tells the tracker the journal up to `sequence` is pushed. Best effort: marks
+/// left behind are only looked at again by the next push.
+fn clear_journal(state_dir: &Path, sequence: Option<u64>) {
+    if let Some(sequence) = sequence {
+        if let Err(err) = request_clear(state_dir, sequence) {
+            tracing::warn!(error = %vdsync_proto::display::error_chain(&err), "could not clear the tracker's journal");
+        }
+    }
 }
 
 fn upload_batch(

@@ -95,35 +95,6 @@ impl Index {
                 .collect(),
         }
     }
-
-    pub fn load(path: &Path) -> Result<Option<Index>, TrackError> {
-        match std::fs::read(path) {
-            Ok(bytes) => {
-                serde_json::from_slice(&bytes)
-                    .map(Some)
-                    .map_err(|err| TrackError::CorruptState {
-                        path: path.to_path_buf(),
-                        message: err.to_string(),
-                    })
-            }
-            Err(err) if err.kind() == io::ErrorKind::NotFound => Ok(None),
-            Err(source) => Err(TrackError::Io {
-                path: path.to_path_buf(),
-                source,
-            }),
-        }
-    }
-
-    pub fn save(&self, path: &Path) -> Result<(), TrackError> {
-        let bytes = serde_json::to_vec(self).map_err(|err| TrackError::CorruptState {
-            path: path.to_path_buf(),
-            message: err.to_string(),
-        })?;
-        vdsync_sys::write_atomic(path, &bytes).map_err(|source| TrackError::Io {
-            path: path.to_path_buf(),
-            source,
-        })
-    }
 }
 
 /// How many times a file that changes while it is hashed is read again before the
@@ -155,6 +126,53 @@ pub fn scan(root: &Path, excludes: &Excludes, previous: &Index) -> Result<Index,
     })
 }
 
+/// What [`scan_paths`] found.
+pub struct PartialScan {
+    /// The index entries now at the scanned paths, sorted.
+    pub entries: Vec<IndexEntry>,
+    /// A scanned regular file has other hard links. Their names had no event of
+    /// their own, so only a full scan can tell the links apart correctly.
+    pub saw_hard_links: bool,
+}
+
+/// Reads only `paths` (each alone) and `subtrees` (each with everything below it),
+/// reusing hashes from `previous` where the stat key matches.
+pub fn scan_paths(
+    root: &Path,
+    excludes: &Excludes,
+    previous: &[IndexEntry],
+    paths: &[RepoPath],
+    subtrees: &[RepoPath],
+) -> Result<PartialScan, TrackError> {
+    let known: HashMap<&RepoPath, &IndexEntry> =
+        previous.iter().map(|item| (&item.path, item)).collect();
+    let mut scanner = Scanner {
+        root,
+        excludes,
+        known,
+        entries: Vec::new(),
+        inodes: HashMap::new(),
+    };
+    for path in paths {
+        if excludes.is_excluded(path) {
+            continue;
+        }
+        if let Some(entry) = scanner.entry_at(path)? {
+            scanner.entries.push(entry);
+        }
+    }
+    for top in subtrees {
+        scanner.visit(top.clone())?;
+    }
+    let mut entries = scanner.entries;
+    entries.sort_by(|a, b| a.path.cmp(&b.path));
+    entries.dedup_by(|a, b| a.path == b.path);
+    Ok(PartialScan {
+        entries,
+        saw_hard_links: !scanner.inodes.is_empty(),
+    })
+}
+
 struct Scanner<'a> {
     root: &'a Path,
     excludes: &'a Excludes,
@@ -167,10 +185,25 @@ struct Scanner<'a> {
 impl Scanner<'_> {
     fn walk(&mut self, dir: Option<&RepoPath>) -> Result<(), TrackError> {
         let dir_path = absolute(self.root, dir);
-        let listing = std::fs::read_dir(&dir_path).map_err(|source| TrackError::Io {
-            path: dir_path.clone(),
-            source,
-        })?;
+        let listing = match std::fs::read_dir(&dir_path) {
+            Ok(listing) => listing,
+            // Removed or replaced since its parent was listed: not part of this scan.
+            Err(err)
+                if dir.is_some()
+                    && matches!(
+                        err.kind(),
+                        io::ErrorKind::NotFound | io::ErrorKind::NotADirectory
+                    ) =>
+            {
+                return Ok(())
+            }
+            Err(source) => {
+                return Err(TrackError::Io {
+                    path: dir_path,
+                    source,
+                })
+            }
+        };
         let mut names: Vec<Vec<u8>> = Vec::new();
         for item in listing {
             let item = item.map_err(|source| TrackError::Io {
@@ -189,60 +222,79 @@ impl Scanner<'_> {
                 path: dir_path.join(OsStr::from_bytes(&name)),
                 message: err.to_string(),
             })?;
-            if self.excludes.is_excluded(&path) {
-                continue;
-            }
-            let full = absolute(self.root, Some(&path));
-            let meta = match std::fs::symlink_metadata(&full) {
-                Ok(meta) => meta,
-                // Deleted since the listing: it is simply not part of this scan.
-                Err(err) if err.kind() == io::ErrorKind::NotFound => continue,
-                Err(source) => return Err(TrackError::Io { path: full, source }),
-            };
-            let file_type = meta.file_type();
-            let kind = if file_type.is_dir() {
-                EntryKind::Dir
-            } else if file_type.is_symlink() {
-                let target = std::fs::read_link(&full).map_err(|source| TrackError::Io {
-                    path: full.clone(),
-                    source,
-                })?;
-                EntryKind::Symlink {
-                    target: target.into_os_string().into_vec_bytes(),
-                }
-            } else if file_type.is_file() {
-                self.file_kind(&path, &full, &meta)?
-            } else if file_type.is_fifo() {
-                EntryKind::Fifo
-            } else if file_type.is_char_device() {
-                EntryKind::CharDevice { rdev: meta.rdev() }
-            } else if file_type.is_block_device() {
-                EntryKind::BlockDevice { rdev: meta.rdev() }
-            } else {
-                EntryKind::Socket
-            };
-            let stat = matches!(kind, EntryKind::File { .. }).then(|| StatKey::of(&meta));
-            if stat.is_some() && meta.nlink() > 1 {
-                self.inodes
-                    .entry((meta.dev(), meta.ino()))
-                    .or_default()
-                    .push(path.clone());
-            }
-            let entry = Entry {
-                kind,
-                meta: metadata_of(&full, &meta)?,
-            };
-            let is_dir = entry.kind == EntryKind::Dir;
-            self.entries.push(IndexEntry {
-                path: path.clone(),
-                entry,
-                stat,
-            });
-            if is_dir {
-                self.walk(Some(&path))?;
-            }
+            self.visit(path)?;
         }
         Ok(())
+    }
+
+    /// Records `path` (unless excluded or gone) and, for a directory, what is below.
+    fn visit(&mut self, path: RepoPath) -> Result<(), TrackError> {
+        if self.excludes.is_excluded(&path) {
+            return Ok(());
+        }
+        let Some(entry) = self.entry_at(&path)? else {
+            return Ok(());
+        };
+        let is_dir = entry.entry.kind == EntryKind::Dir;
+        self.entries.push(entry);
+        if is_dir {
+            self.walk(Some(&path))?;
+        }
+        Ok(())
+    }
+
+    /// What is at `path` now, `None` if nothing is.
+    fn entry_at(&mut self, path: &RepoPath) -> Result<Option<IndexEntry>, TrackError> {
+        let full = absolute(self.root, Some(path));
+        let meta = match std::fs::symlink_metadata(&full) {
+            Ok(meta) => meta,
+            Err(err)
+                if matches!(
+                    err.kind(),
+                    io::ErrorKind::NotFound | io::ErrorKind::NotADirectory
+                ) =>
+            {
+                return Ok(None)
+            }
+            Err(source) => return Err(TrackError::Io { path: full, source }),
+        };
+        let file_type = meta.file_type();
+        let kind = if file_type.is_dir() {
+            EntryKind::Dir
+        } else if file_type.is_symlink() {
+            let target = std::fs::read_link(&full).map_err(|source| TrackError::Io {
+                path: full.clone(),
+                source,
+            })?;
+            EntryKind::Symlink {
+                target: target.into_os_string().into_vec_bytes(),
+            }
+        } else if file_type.is_file() {
+            self.file_kind(path, &full, &meta)?
+        } else if file_type.is_fifo() {
+            EntryKind::Fifo
+        } else if file_type.is_char_device() {
+            EntryKind::CharDevice { rdev: meta.rdev() }
+        } else if file_type.is_block_device() {
+            EntryKind::BlockDevice { rdev: meta.rdev() }
+        } else {
+            EntryKind::Socket
+        };
+        let stat = matches!(kind, EntryKind::File { .. }).then(|| StatKey::of(&meta));
+        if stat.is_some() && meta.nlink() > 1 {
+            self.inodes
+                .entry((meta.dev(), meta.ino()))
+                .or_default()
+                .push(path.clone());
+        }
+        Ok(Some(IndexEntry {
+            path: path.clone(),
+            entry: Entry {
+                kind,
+                meta: metadata_of(&full, &meta)?,
+            },
+            stat,
+        }))
     }
 
     fn file_kind(

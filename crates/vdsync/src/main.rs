@@ -34,6 +34,10 @@ enum Command {
     /// Create or serve the repository that stores versions and blobs
     #[command(subcommand)]
     Repo(RepoCommand),
+    /// Record every change under the root in a journal (foreground daemon)
+    Track(TrackArgs),
+    /// Show the changes not yet pushed, like `git status`
+    Status(StatusArgs),
     /// Send the development tree's changes as the next version
     Push(PushArgs),
     /// Follow the repository and apply every new version to this machine's tree
@@ -95,8 +99,9 @@ struct PushArgs {
     /// Repository URL, e.g. http://repo:7468
     #[arg(long, value_name = "URL", env = "VDSYNC_REPO")]
     repo: String,
-    /// Pusher state (the index of the last push)
-    #[arg(long, value_name = "DIR", default_value = "/var/lib/vdsync/push")]
+    /// Development-side state: the index of the last push, and the tracker's
+    /// journal and socket when `vdsync track` runs with the same directory
+    #[arg(long, value_name = "DIR", default_value = DEV_STATE)]
     state: PathBuf,
     /// Message recorded with the version
     #[arg(short, long, default_value = "")]
@@ -104,12 +109,42 @@ struct PushArgs {
     /// Print what would be sent; send and change nothing
     #[arg(long)]
     dry_run: bool,
-    /// Compare the whole tree with the last push (size, mtime, ctime and inode
-    /// decide which files are read again). Until the tracker lands this is how
-    /// every push works.
+    /// Compare the whole tree with the last push instead of reading only what the
+    /// tracker's journal names (size, mtime, ctime and inode decide which files are
+    /// read again). Without a running tracker every push does this.
     #[arg(long)]
     rescan: bool,
     /// Print the result as JSON
+    #[arg(long)]
+    json: bool,
+    #[command(flatten)]
+    excludes: ExcludeArgs,
+}
+
+/// The state directory shared by `track`, `status` and `push`.
+const DEV_STATE: &str = "/var/lib/vdsync/track";
+
+#[derive(Args)]
+struct TrackArgs {
+    /// The development tree (`/` on a development machine)
+    #[arg(long, value_name = "DIR")]
+    root: PathBuf,
+    /// Journal, socket and fence file; must be on the same file system as the root
+    #[arg(long, value_name = "DIR", default_value = DEV_STATE)]
+    state: PathBuf,
+    #[command(flatten)]
+    excludes: ExcludeArgs,
+}
+
+#[derive(Args)]
+struct StatusArgs {
+    /// The development tree
+    #[arg(long, value_name = "DIR")]
+    root: PathBuf,
+    /// The state directory used by `track` and `push`
+    #[arg(long, value_name = "DIR", default_value = DEV_STATE)]
+    state: PathBuf,
+    /// Print JSON instead of text
     #[arg(long)]
     json: bool,
     #[command(flatten)]
@@ -180,6 +215,8 @@ fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Repo(RepoCommand::Init(args)) => repo_init(args),
         Command::Repo(RepoCommand::Serve(args)) => repo_serve(args),
+        Command::Track(args) => track(args),
+        Command::Status(args) => status(args),
         Command::Push(args) => push(args),
         Command::Agent(args) => agent(args),
         Command::Log(args) => {
@@ -370,11 +407,75 @@ fn push(args: PushArgs) -> Result<()> {
             state_dir: &args.state,
             message: args.message.clone(),
             dry_run: args.dry_run,
+            rescan: args.rescan,
             excludes: &excludes,
             progress,
         },
     )?;
-    output::print_push(&report, args.dry_run, args.json)
+    output::print_push(&report, args.dry_run, args.json, !args.rescan)
+}
+
+fn track(args: TrackArgs) -> Result<()> {
+    if !args.root.is_dir() {
+        bail!("--root {} is not a directory", args.root.display());
+    }
+    let excludes = excludes_for(&args.excludes, &args.root, Some(&args.state))?;
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    stop_on_signals(stop.clone())?;
+    let root = args.root.clone();
+    let state = args.state.clone();
+    vdsync_track::tracker::run(
+        &vdsync_track::tracker::TrackOptions {
+            root: &args.root,
+            state_dir: &args.state,
+            excludes: &excludes,
+        },
+        stop,
+        &mut || {
+            println!(
+                "tracking {} (fanotify, whole file system); journal in {}",
+                root.display(),
+                state.display()
+            );
+            use std::io::Write;
+            let _ = std::io::stdout().flush();
+        },
+    )?;
+    Ok(())
+}
+
+/// Sets `stop` on SIGINT or SIGTERM, so a daemon finishes its current batch.
+fn stop_on_signals(stop: Arc<std::sync::atomic::AtomicBool>) -> Result<()> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the signal handler")?;
+    std::thread::spawn(move || {
+        runtime.block_on(async {
+            use tokio::signal::unix::{signal, SignalKind};
+            let (Ok(mut interrupt), Ok(mut terminate)) = (
+                signal(SignalKind::interrupt()),
+                signal(SignalKind::terminate()),
+            ) else {
+                return;
+            };
+            tokio::select! {
+                _ = interrupt.recv() => {}
+                _ = terminate.recv() => {}
+            }
+            stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        });
+    });
+    Ok(())
+}
+
+fn status(args: StatusArgs) -> Result<()> {
+    if !args.root.is_dir() {
+        bail!("--root {} is not a directory", args.root.display());
+    }
+    let excludes = excludes_for(&args.excludes, &args.root, Some(&args.state))?;
+    let report = vdsync_track::status::status(&args.root, &args.state, &excludes)?;
+    output::print_status(&report, args.json)
 }
 
 fn agent(args: AgentArgs) -> Result<()> {

@@ -3,6 +3,8 @@
 use anyhow::Result;
 use vdsync_proto::wire::{AgentInfo, OutcomeStatus, VersionInfo};
 use vdsync_proto::EntryKind;
+use vdsync_track::changes::Source;
+use vdsync_track::status::{Change, StatusReport};
 use vdsync_track::PushReport;
 
 pub fn human_bytes(bytes: u64) -> String {
@@ -108,7 +110,14 @@ pub fn print_fleet(agents: &[AgentInfo], json: bool) -> Result<()> {
     Ok(())
 }
 
-pub fn print_push(report: &PushReport, dry_run: bool, json: bool) -> Result<()> {
+/// `explain_full_scan`: say on stderr why the whole tree was read, when the user
+/// did not ask for it.
+pub fn print_push(
+    report: &PushReport,
+    dry_run: bool,
+    json: bool,
+    explain_full_scan: bool,
+) -> Result<()> {
     if json {
         let value = serde_json::json!({
             "version": report.version,
@@ -119,9 +128,13 @@ pub fn print_push(report: &PushReport, dry_run: bool, json: bool) -> Result<()> 
             "blobs_sent": report.blobs_sent,
             "bytes_sent": report.bytes_sent,
             "dry_run": dry_run,
+            "source": report.source,
         });
         println!("{value}");
         return Ok(());
+    }
+    if let (Source::FullScan { reason }, true) = (&report.source, explain_full_scan) {
+        eprintln!("note: scanned the whole tree ({reason})");
     }
     if report.changeset.is_empty() {
         match report.parent {
@@ -164,6 +177,48 @@ pub fn print_push(report: &PushReport, dry_run: bool, json: bool) -> Result<()> 
             report.deleted,
             human_bytes(report.bytes_sent)
         );
+    }
+    Ok(())
+}
+
+pub fn print_status(report: &StatusReport, json: bool) -> Result<()> {
+    if json {
+        println!("{}", serde_json::to_string_pretty(report)?);
+        return Ok(());
+    }
+    match (&report.source, report.tracker_running) {
+        (Source::Journal { paths }, _) => {
+            println!("tracker running; {paths} journalled path(s) looked at")
+        }
+        (Source::FullScan { reason }, true) => {
+            println!("tracker running, but the whole tree was scanned: {reason}")
+        }
+        (Source::FullScan { .. }, false) => {
+            println!("no tracker running for this state directory: the whole tree was scanned")
+        }
+    }
+    let base = report.pushed_version.map_or_else(
+        || "nothing pushed yet".to_owned(),
+        |v| format!("last pushed as version {v}"),
+    );
+    if report.changes.is_empty() {
+        println!("nothing to push ({base})");
+        return Ok(());
+    }
+    println!("changes not pushed yet ({base}):");
+    for line in &report.changes {
+        let label = match line.change {
+            Change::New => "new:",
+            Change::Modified => "modified:",
+            Change::Deleted => "deleted:",
+            Change::TypeChanged => "type changed:",
+        };
+        let suffix = if line.kind == "file" {
+            String::new()
+        } else {
+            format!(" ({})", line.kind)
+        };
+        println!("  {label:<14}{}{suffix}", line.path);
     }
     Ok(())
 }

@@ -1,0 +1,102 @@
+//! `vdsync status`: the changes `push` would send, listed like `git status`.
+//!
+//! Reads, never writes: with a tracker running it uses the fenced journal snapshot
+//! (only marked paths are looked at); without one it scans the whole tree and says so.
+
+use std::path::Path;
+
+use serde::Serialize;
+use vdsync_proto::{EntryKind, RepoPath};
+
+use crate::changes::{collect, Source};
+use crate::excludes::Excludes;
+use crate::index_db::IndexDb;
+use crate::push::index_path;
+use crate::tracker::request_snapshot;
+use crate::TrackError;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Change {
+    New,
+    Modified,
+    Deleted,
+    TypeChanged,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct StatusLine {
+    pub path: RepoPath,
+    pub change: Change,
+    /// The entry's kind now (for deletions: what it was).
+    pub kind: &'static str,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct StatusReport {
+    pub tracker_running: bool,
+    /// The version the tree was last pushed as.
+    pub pushed_version: Option<u64>,
+    pub source: Source,
+    pub changes: Vec<StatusLine>,
+}
+
+pub fn status(
+    root: &Path,
+    state_dir: &Path,
+    excludes: &Excludes,
+) -> Result<StatusReport, TrackError> {
+    let index_file = index_path(state_dir);
+    let index = if index_file.exists() {
+        IndexDb::open(&index_file)?
+    } else {
+        // Nothing pushed from here yet: everything is new. Nothing is created on disk.
+        IndexDb::in_memory()?
+    };
+    let pushed_version = index.version()?;
+    let snapshot = request_snapshot(state_dir)?;
+    let tracker_running = snapshot.is_some();
+    let changes = collect(root, excludes, &index, snapshot, None, pushed_version)?;
+
+    let mut lines = Vec::new();
+    for removed in &changes.changeset.removed {
+        let kind = changes
+            .before
+            .get(removed)
+            .map_or("entry", |e| e.kind.name());
+        lines.push(StatusLine {
+            path: removed.clone(),
+            change: Change::Deleted,
+            kind,
+        });
+    }
+    for item in &changes.changeset.entries {
+        let now = &item.entry;
+        let change = match changes.before.get(&item.path) {
+            None => Change::New,
+            Some(old) if old.kind.name() != now.kind.name() => Change::TypeChanged,
+            Some(old) => {
+                // A directory whose only change is its mtime (a name in it was added
+                // or removed) is shown through that name, not by itself.
+                let mut old_meta = old.meta.clone();
+                old_meta.mtime = now.meta.mtime;
+                if now.kind == EntryKind::Dir && old_meta == now.meta {
+                    continue;
+                }
+                Change::Modified
+            }
+        };
+        lines.push(StatusLine {
+            path: item.path.clone(),
+            change,
+            kind: now.kind.name(),
+        });
+    }
+    lines.sort_by(|a, b| a.path.cmp(&b.path));
+    Ok(StatusReport {
+        tracker_running,
+        pushed_version,
+        source: changes.source,
+        changes: lines,
+    })
+}
