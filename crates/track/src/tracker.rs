@@ -9,8 +9,8 @@
 //! paths or in the state directory are ignored.
 //!
 //! Never lose a change: on queue overflow, on start (changes made while no tracker
-//! ran are unknowable), or when a directory cannot be resolved, the whole root is
-//! marked for rescan and `status` says why.
+//! ran are unknowable), or when a directory cannot be resolved for any reason but its
+//! own deletion, the whole root is marked for rescan and `status` says why.
 //!
 //! Clients (`push`, `status`) talk to the tracker over a Unix socket in the state
 //! directory. A snapshot request is fenced: the tracker writes a marker file and
@@ -270,11 +270,13 @@ impl<'a> Resolver<'a> {
                         self.cache.insert(name.dir.clone(), path.clone());
                         path
                     }
-                    // Gone already: if it was under the root we cannot say where.
+                    // The directory was deleted before we read the event. Nothing is
+                    // lost by skipping the name: the deletion of the topmost deleted
+                    // directory is reported in a parent that still exists, and that
+                    // event marks its whole subtree (see the rule below).
+                    Err(err) if err.raw_os_error() == Some(libc_estale()) => continue,
                     Err(err) => {
-                        return Err(format!(
-                            "a changed directory could not be resolved ({err}); it may have been deleted before the tracker read its event"
-                        ))
+                        return Err(format!("a changed directory could not be resolved ({err})"))
                     }
                 },
             };
@@ -327,6 +329,10 @@ impl<'a> Resolver<'a> {
         }
         Some(path)
     }
+}
+
+fn libc_estale() -> i32 {
+    rustix::io::Errno::STALE.raw_os_error()
 }
 
 /// Accepts clients; each connection sends one request line and gets one answer line.

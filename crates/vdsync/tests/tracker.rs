@@ -1,0 +1,365 @@
+//! The tracker end to end with real fanotify: `vdsync track` runs beside the
+//! development tree, `status` and journal-driven `push` must see every change, and an
+//! agent applying the pushes must end with the same tree.
+
+#![allow(clippy::unwrap_used)]
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+use vdsync_test_support::{
+    assert_trees_equal, describe_tree, tempdir, GroupChild, TestRepo, Vdsync,
+};
+
+fn vdsync() -> Vdsync {
+    Vdsync::new(env!("CARGO_BIN_EXE_vdsync"))
+}
+
+struct Lab {
+    _temp: tempfile::TempDir,
+    dir: PathBuf,
+    dev: PathBuf,
+    state: PathBuf,
+    repo: TestRepo,
+    vdsync: Vdsync,
+    tracker: Option<GroupChild>,
+}
+
+impl Lab {
+    fn new(initial: impl FnOnce(&Path)) -> Lab {
+        let temp = tempdir().unwrap();
+        let dir = temp.path().to_path_buf();
+        let dev = dir.join("dev");
+        std::fs::create_dir(&dev).unwrap();
+        initial(&dev);
+        let vdsync = vdsync();
+        let repo = TestRepo::start(&vdsync, &dir, &dev);
+        let mut lab = Lab {
+            _temp: temp,
+            state: dir.join("state"),
+            dir,
+            dev,
+            repo,
+            vdsync,
+            tracker: None,
+        };
+        lab.start_tracker();
+        // The tracker's first journal entry is "started": one full push clears it.
+        let first = lab.push();
+        assert!(first["version"].is_null(), "{first}");
+        lab
+    }
+
+    fn start_tracker(&mut self) {
+        let mut command = self.vdsync.command([
+            "track".as_ref(),
+            "--root".as_ref(),
+            self.dev.as_os_str(),
+            "--state".as_ref(),
+            self.state.as_os_str(),
+        ]);
+        command.stdout(Stdio::piped()).stderr(Stdio::null());
+        let mut tracker = GroupChild::spawn(&mut command);
+        let mut line = String::new();
+        BufReader::new(tracker.child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        assert!(line.starts_with("tracking "), "tracker said {line:?}");
+        self.tracker = Some(tracker);
+    }
+
+    fn stop_tracker(&mut self) {
+        if let Some(mut tracker) = self.tracker.take() {
+            tracker.kill();
+        }
+    }
+
+    fn status_json(&self) -> serde_json::Value {
+        let out = self.vdsync.ok([
+            "status".as_ref(),
+            "--json".as_ref(),
+            "--root".as_ref(),
+            self.dev.as_os_str(),
+            "--state".as_ref(),
+            self.state.as_os_str(),
+        ]);
+        serde_json::from_str(&out).unwrap()
+    }
+
+    /// `(change, path)` pairs from `status --json`.
+    fn status(&self) -> Vec<(String, String)> {
+        let report = self.status_json();
+        report["changes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|line| {
+                (
+                    line["change"].as_str().unwrap().to_owned(),
+                    line["path"].as_str().unwrap_or("(not utf-8)").to_owned(),
+                )
+            })
+            .collect()
+    }
+
+    fn push_command(&self) -> Command {
+        let mut command = self.vdsync.command([
+            "push".as_ref(),
+            "--json".as_ref(),
+            "--root".as_ref(),
+            self.dev.as_os_str(),
+            "--state".as_ref(),
+            self.state.as_os_str(),
+            "--repo".as_ref(),
+            self.repo.url.as_ref(),
+        ]);
+        command.stdin(Stdio::null());
+        command
+    }
+
+    fn push_ok(&self) -> String {
+        let output = self.push_command().output().unwrap();
+        assert!(
+            output.status.success(),
+            "push failed: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        String::from_utf8_lossy(&output.stdout).into_owned()
+    }
+
+    /// Pushes and returns the parsed JSON report.
+    fn push(&self) -> serde_json::Value {
+        let out = self.push_ok();
+        serde_json::from_str(out.trim()).unwrap_or_else(|_| serde_json::json!({"text": out}))
+    }
+
+    fn agent_matches_dev(&self) {
+        let root = self.dir.join("agent-root");
+        std::fs::create_dir_all(&root).unwrap();
+        self.vdsync.ok([
+            "agent".as_ref(),
+            "--once".as_ref(),
+            "--root".as_ref(),
+            root.as_os_str(),
+            "--state".as_ref(),
+            self.dir.join("agent-state").as_os_str(),
+            "--repo".as_ref(),
+            self.repo.url.as_ref(),
+            "--name".as_ref(),
+            "agent".as_ref(),
+        ]);
+        assert_trees_equal(&describe_tree(&self.dev, &[]), &describe_tree(&root, &[]));
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        self.stop_tracker();
+    }
+}
+
+fn pairs(items: &[(&str, &str)]) -> Vec<(String, String)> {
+    items
+        .iter()
+        .map(|(change, path)| ((*change).to_owned(), (*path).to_owned()))
+        .collect()
+}
+
+#[test]
+fn every_kind_of_change_is_seen_and_pushed_from_the_journal() {
+    let lab = Lab::new(|dev| {
+        std::fs::create_dir_all(dev.join("etc/app")).unwrap();
+        std::fs::write(dev.join("etc/app/app.conf"), "v1").unwrap();
+        std::fs::write(dev.join("etc/motd"), "hello").unwrap();
+        std::fs::write(dev.join("etc/old-name"), "renamed later").unwrap();
+        std::fs::create_dir_all(dev.join("var/www")).unwrap();
+        std::fs::write(dev.join("var/www/index.html"), "<h1>").unwrap();
+        std::fs::write(dev.join("doomed"), "x").unwrap();
+        std::fs::create_dir_all(dev.join("doomed-dir/inner")).unwrap();
+        std::fs::write(dev.join("doomed-dir/inner/f"), "x").unwrap();
+    });
+    let dev = &lab.dev;
+    std::fs::write(dev.join("etc/app/app.conf"), "v2").unwrap(); // modify
+    std::fs::write(dev.join("etc/new"), "new").unwrap(); // create
+    std::fs::set_permissions(
+        dev.join("etc/motd"),
+        std::os::unix::fs::PermissionsExt::from_mode(0o600),
+    )
+    .unwrap(); // attrib
+    std::fs::remove_file(dev.join("doomed")).unwrap(); // delete
+    std::fs::remove_dir_all(dev.join("doomed-dir")).unwrap(); // rmdir of a tree
+    std::fs::rename(dev.join("etc/old-name"), dev.join("var/www/new-name")).unwrap(); // across dirs
+    std::os::unix::fs::symlink("app/app.conf", dev.join("etc/link")).unwrap();
+    std::fs::create_dir(dev.join("empty")).unwrap();
+
+    // A directory moved in from outside the root, with contents nobody reported.
+    let outside = lab.dir.join("outside");
+    std::fs::create_dir_all(outside.join("deep/deeper")).unwrap();
+    std::fs::write(outside.join("deep/deeper/file"), "from outside").unwrap();
+    std::fs::rename(&outside, dev.join("moved-in")).unwrap();
+    // And one moved out.
+    std::fs::rename(dev.join("var/www"), lab.dir.join("www-moved-out")).unwrap();
+
+    let report = lab.status_json();
+    assert_eq!(report["source"]["mode"], "journal", "{report}");
+    let status = lab.status();
+    assert_eq!(
+        status,
+        pairs(&[
+            ("deleted", "doomed"),
+            ("deleted", "doomed-dir"),
+            ("new", "empty"),
+            ("modified", "etc/app/app.conf"),
+            ("new", "etc/link"),
+            ("modified", "etc/motd"),
+            ("new", "etc/new"),
+            ("deleted", "etc/old-name"),
+            ("new", "moved-in"),
+            ("new", "moved-in/deep"),
+            ("new", "moved-in/deep/deeper"),
+            ("new", "moved-in/deep/deeper/file"),
+            ("deleted", "var/www"),
+        ]),
+    );
+    let pushed = lab.push();
+    assert_eq!(pushed["source"]["mode"], "journal", "{pushed}");
+    assert_eq!(pushed["version"], 1);
+    lab.agent_matches_dev();
+    assert_eq!(lab.status(), pairs(&[]));
+}
+
+#[test]
+fn temp_files_and_editor_saves_coalesce() {
+    let lab = Lab::new(|dev| {
+        std::fs::write(dev.join("config.toml"), "a = 1").unwrap();
+    });
+    // A temp file created, written and deleted leaves nothing.
+    let temp_file = lab.dev.join(".scratch.tmp");
+    std::fs::write(&temp_file, "scratch").unwrap();
+    std::fs::write(&temp_file, "scratch 2").unwrap();
+    std::fs::remove_file(&temp_file).unwrap();
+    // An editor save: write a temp file, rename it over the original.
+    std::fs::write(lab.dev.join(".config.toml.swp"), "a = 2").unwrap();
+    std::fs::rename(
+        lab.dev.join(".config.toml.swp"),
+        lab.dev.join("config.toml"),
+    )
+    .unwrap();
+    // A rename chain: only the last name exists.
+    std::fs::write(lab.dev.join("one"), "chain").unwrap();
+    std::fs::rename(lab.dev.join("one"), lab.dev.join("two")).unwrap();
+    std::fs::rename(lab.dev.join("two"), lab.dev.join("three")).unwrap();
+    assert_eq!(
+        lab.status(),
+        pairs(&[("modified", "config.toml"), ("new", "three")])
+    );
+    lab.push();
+    lab.agent_matches_dev();
+}
+
+#[test]
+fn a_change_saved_just_before_push_is_never_left_out() {
+    let lab = Lab::new(|dev| {
+        std::fs::write(dev.join("page.html"), "v0").unwrap();
+    });
+    for round in 1..=5 {
+        std::fs::write(lab.dev.join("page.html"), format!("v{round}")).unwrap();
+        std::fs::write(lab.dev.join(format!("added-{round}")), "x").unwrap();
+        // No wait of any kind: the push's fence must cover these writes.
+        let pushed = lab.push();
+        assert_eq!(pushed["version"], round, "{pushed}");
+        assert_eq!(pushed["source"]["mode"], "journal", "{pushed}");
+        assert_eq!(pushed["files"], 2, "round {round}: {pushed}");
+    }
+    lab.agent_matches_dev();
+}
+
+#[test]
+fn a_write_storm_loses_nothing() {
+    let lab = Lab::new(|dev| std::fs::create_dir(dev.join("storm")).unwrap());
+    for file in 0..2000 {
+        std::fs::write(lab.dev.join(format!("storm/f{file}")), file.to_string()).unwrap();
+    }
+    for file in (0..2000).step_by(3) {
+        std::fs::write(lab.dev.join(format!("storm/f{file}")), "rewritten").unwrap();
+    }
+    for file in (0..2000).step_by(7) {
+        std::fs::remove_file(lab.dev.join(format!("storm/f{file}"))).unwrap();
+    }
+    let pushed = lab.push();
+    assert_eq!(pushed["source"]["mode"], "journal", "{pushed}");
+    lab.agent_matches_dev();
+}
+
+#[test]
+fn hard_links_fall_back_to_a_full_scan() {
+    let lab = Lab::new(|dev| std::fs::write(dev.join("a"), "shared").unwrap());
+    std::fs::hard_link(lab.dev.join("a"), lab.dev.join("b")).unwrap();
+    let pushed = lab.push();
+    assert_eq!(pushed["source"]["mode"], "full_scan", "{pushed}");
+    lab.agent_matches_dev();
+}
+
+#[test]
+fn queue_overflow_marks_the_whole_root_for_rescan() {
+    let lab = Lab::new(|dev| std::fs::create_dir(dev.join("flood")).unwrap());
+    // Stop the tracker from reading, then make more events than the kernel queues
+    // (16384 by default).
+    let pid = lab.tracker.as_ref().unwrap().pid();
+    let signal = |name: &str| {
+        let status = Command::new("kill")
+            .args([name, &pid.to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+    };
+    signal("-STOP");
+    for file in 0..20_000 {
+        std::fs::write(lab.dev.join(format!("flood/f{file}")), "x").unwrap();
+    }
+    signal("-CONT");
+    let report = lab.status_json();
+    assert_eq!(report["source"]["mode"], "full_scan", "{report}");
+    assert!(
+        report["source"]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("overflowed"),
+        "{report}"
+    );
+    assert_eq!(report["changes"].as_array().unwrap().len(), 20_000);
+    let pushed = lab.push();
+    assert_eq!(pushed["files"], 20_000, "{pushed}");
+    lab.agent_matches_dev();
+    // The rescan covered it: the next status is back on the journal.
+    let report = lab.status_json();
+    assert_eq!(report["source"]["mode"], "journal", "{report}");
+}
+
+#[test]
+fn changes_while_the_tracker_was_down_are_found_after_its_restart() {
+    let mut lab = Lab::new(|dev| std::fs::write(dev.join("before"), "0").unwrap());
+    std::fs::write(lab.dev.join("before"), "1").unwrap();
+    lab.stop_tracker();
+    std::fs::write(lab.dev.join("while-down"), "unseen by any tracker").unwrap();
+    std::fs::remove_file(lab.dev.join("before")).unwrap();
+    // Without a tracker, push and status scan everything rather than trust the journal.
+    let report = lab.status_json();
+    assert_eq!(report["tracker_running"], false);
+    assert_eq!(
+        lab.status(),
+        pairs(&[("deleted", "before"), ("new", "while-down")])
+    );
+    lab.start_tracker();
+    std::fs::write(lab.dev.join("after-restart"), "2").unwrap();
+    let report = lab.status_json();
+    assert_eq!(report["source"]["mode"], "full_scan", "{report}");
+    assert!(report["source"]["reason"]
+        .as_str()
+        .unwrap()
+        .contains("tracker started"));
+    lab.push();
+    lab.agent_matches_dev();
+    assert_eq!(lab.status_json()["source"]["mode"], "journal");
+}
