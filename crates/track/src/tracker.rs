@@ -40,6 +40,9 @@ const BATCH_INTERVAL: Duration = Duration::from_millis(100);
 /// A snapshot request waits this long for its fence event before failing.
 const FENCE_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// Directories whose paths are remembered at once.
+const RESOLVER_CACHE_LIMIT: usize = 65_536;
+
 pub const SOCKET_NAME: &str = "tracker.sock";
 const FENCE_NAME: &str = "fence";
 const LOCK_NAME: &str = "tracker.lock";
@@ -267,6 +270,11 @@ impl<'a> Resolver<'a> {
                 Some(path) => path.clone(),
                 None => match group.resolve(&name.dir) {
                     Ok(path) => {
+                        if self.cache.len() >= RESOLVER_CACHE_LIMIT {
+                            // Resolving again is correct, only slower: start over
+                            // rather than let the cache grow with the file system.
+                            self.cache.clear();
+                        }
                         self.cache.insert(name.dir.clone(), path.clone());
                         path
                     }
@@ -274,7 +282,7 @@ impl<'a> Resolver<'a> {
                     // lost by skipping the name: the deletion of the topmost deleted
                     // directory is reported in a parent that still exists, and that
                     // event marks its whole subtree (see the rule below).
-                    Err(err) if err.raw_os_error() == Some(libc_estale()) => continue,
+                    Err(err) if vdsync_sys::errno(&err) == Some(vdsync_sys::Errno::STALE) => continue,
                     Err(err) => {
                         return Err(format!("a changed directory could not be resolved ({err})"))
                     }
@@ -329,10 +337,6 @@ impl<'a> Resolver<'a> {
         }
         Some(path)
     }
-}
-
-fn libc_estale() -> i32 {
-    rustix::io::Errno::STALE.raw_os_error()
 }
 
 /// Accepts clients; each connection sends one request line and gets one answer line.
