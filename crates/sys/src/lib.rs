@@ -10,6 +10,7 @@
 #![allow(unsafe_code)]
 
 pub mod fanotify;
+pub mod inotify;
 
 use std::ffi::OsStr;
 use std::fs::File;

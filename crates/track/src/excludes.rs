@@ -28,6 +28,7 @@ pub const DEFAULT_EXCLUDES: &[&str] = &[
     "var/lib/cloud",
 ];
 
+#[derive(Clone)]
 pub struct Excludes {
     patterns: Vec<String>,
     set: GlobSet,

@@ -30,6 +30,7 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 use vdsync_proto::RepoPath;
 use vdsync_sys::fanotify::{self, Fanotify, FileHandle, NameRole};
+use vdsync_sys::inotify::RecursiveInotify;
 
 use crate::excludes::Excludes;
 use crate::journal::{Journal, Mark, Snapshot};
@@ -44,7 +45,7 @@ const FENCE_TIMEOUT: Duration = Duration::from_secs(10);
 const RESOLVER_CACHE_LIMIT: usize = 65_536;
 
 pub const SOCKET_NAME: &str = "tracker.sock";
-const FENCE_NAME: &str = "fence";
+const FENCE_PREFIX: &str = "fence-";
 const LOCK_NAME: &str = "tracker.lock";
 pub const JOURNAL_NAME: &str = "journal.redb";
 
@@ -71,6 +72,16 @@ pub struct TrackOptions<'a> {
     pub root: &'a Path,
     pub state_dir: &'a Path,
     pub excludes: &'a Excludes,
+    pub watcher: WatcherChoice,
+}
+
+/// Which kernel interface feeds the journal.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WatcherChoice {
+    /// fanotify, or inotify where fanotify is refused.
+    Auto,
+    Fanotify,
+    Inotify,
 }
 
 /// A client request handed to the event loop, with the way back.
@@ -79,12 +90,12 @@ struct Pending {
     reply: mpsc::Sender<Response>,
 }
 
-/// Runs until `stop` is set. `ready` is called once the fanotify mark is in place
-/// (events from then on are recorded).
+/// Runs until `stop` is set. `ready` is called, with a description of the watcher,
+/// once events are being recorded.
 pub fn run(
     options: &TrackOptions<'_>,
     stop: Arc<AtomicBool>,
-    ready: &mut dyn FnMut(),
+    ready: &mut dyn FnMut(&str),
 ) -> Result<(), TrackError> {
     let io_error = |path: &Path| {
         let path = path.to_path_buf();
@@ -101,64 +112,46 @@ pub fn run(
     }
 
     let journal = Journal::open(&state_dir.join(JOURNAL_NAME))?;
-    let mut group = Fanotify::watch_filesystem(&root).map_err(|source| TrackError::Watch {
-        path: root.clone(),
-        source,
-    })?;
+    let mut watcher = Watcher::start(options.watcher, &root, &state_dir, options.excludes)?;
     // From here on every change is seen; what happened before is not known.
     journal.record(
         &BTreeMap::new(),
         Some("the tracker started: changes made while it was not running are unknown"),
     )?;
-    let fence_path = state_dir.join(FENCE_NAME);
-    std::fs::write(&fence_path, b"").map_err(io_error(&fence_path))?;
-    let state_handle = Fanotify::handle_of(&state_dir).map_err(io_error(&state_dir))?;
+    remove_fence_files(&state_dir, u64::MAX);
 
     let socket_path = state_dir.join(SOCKET_NAME);
     let _ = std::fs::remove_file(&socket_path);
     let listener = UnixListener::bind(&socket_path).map_err(io_error(&socket_path))?;
     let (requests, incoming) = mpsc::channel::<Pending>();
     std::thread::spawn(move || serve_clients(listener, requests));
-    ready();
+    ready(&watcher.description());
 
-    let mut resolver = Resolver::new(&root, &state_dir, options.excludes);
-    let mut batch: BTreeMap<RepoPath, Mark> = BTreeMap::new();
-    let mut root_reason: Option<String> = None;
+    let context = Context {
+        root: &root,
+        state_dir: &state_dir,
+        excludes: options.excludes,
+    };
+    let mut seen = Seen::default();
     let mut last_flush = Instant::now();
     // Snapshot requests waiting for their fence: (fence number, deadline, reply).
     let mut fences: Vec<(u64, Instant, mpsc::Sender<Response>)> = Vec::new();
-    // The write above is fence write 1; its close event will be counted too.
-    let mut fence_writes = 1u64;
-    let mut fence_seen = 0u64;
+    let mut fences_written = 0u64;
 
     while !stop.load(Ordering::Relaxed) {
-        let events = group
-            .read(Duration::from_millis(20))
-            .map_err(|source| TrackError::Watch {
-                path: root.clone(),
-                source,
-            })?;
-        for event in &events {
-            if event.is_overflow() {
-                root_reason = Some("the kernel's event queue overflowed".to_owned());
-                continue;
-            }
-            if is_fence_close(event, &state_handle) {
-                fence_seen += 1;
-                continue;
-            }
-            if let Err(reason) = resolver.marks_for(&group, event, &mut batch) {
-                root_reason = Some(reason);
-            }
-        }
+        watcher.poll(&context, &mut seen)?;
 
         // Requests from clients.
         while let Ok(pending) = incoming.try_recv() {
             match pending.request {
-                Request::Snapshot => match std::fs::write(&fence_path, b"") {
+                Request::Snapshot => match create_fence(&state_dir, fences_written + 1) {
                     Ok(()) => {
-                        fence_writes += 1;
-                        fences.push((fence_writes, Instant::now() + FENCE_TIMEOUT, pending.reply));
+                        fences_written += 1;
+                        fences.push((
+                            fences_written,
+                            Instant::now() + FENCE_TIMEOUT,
+                            pending.reply,
+                        ));
                     }
                     Err(err) => {
                         let _ = pending
@@ -176,22 +169,18 @@ pub fn run(
             }
         }
 
-        let fence_due = fences.iter().any(|(number, _, _)| *number <= fence_seen);
-        if fence_due
-            || (last_flush.elapsed() >= BATCH_INTERVAL
-                && (!batch.is_empty() || root_reason.is_some()))
-        {
-            if !batch.is_empty() || root_reason.is_some() {
-                journal.record(&batch, root_reason.as_deref())?;
-                batch.clear();
-                root_reason = None;
-            }
+        let fence_due = fences.iter().any(|(number, _, _)| *number <= seen.fence);
+        let batch_due = last_flush.elapsed() >= BATCH_INTERVAL;
+        if (fence_due || batch_due) && (!seen.marks.is_empty() || seen.root_reason.is_some()) {
+            journal.record(&seen.marks, seen.root_reason.as_deref())?;
+            seen.marks.clear();
+            seen.root_reason = None;
             last_flush = Instant::now();
         }
         if fence_due {
             let snapshot = journal.snapshot();
             fences.retain(|(number, _, reply)| {
-                if *number > fence_seen {
+                if *number > seen.fence {
                     return true;
                 }
                 let answer = match &snapshot {
@@ -201,6 +190,7 @@ pub fn run(
                 let _ = reply.send(answer);
                 false
             });
+            remove_fence_files(&state_dir, seen.fence);
         }
         let now = Instant::now();
         fences.retain(|(_, deadline, reply)| {
@@ -213,50 +203,269 @@ pub fn run(
             false
         });
     }
-    if !batch.is_empty() || root_reason.is_some() {
-        journal.record(&batch, root_reason.as_deref())?;
+    if !seen.marks.is_empty() || seen.root_reason.is_some() {
+        journal.record(&seen.marks, seen.root_reason.as_deref())?;
     }
     let _ = std::fs::remove_file(&socket_path);
     Ok(())
 }
 
-/// True if `event` is the close of a write to our fence file. Each fence write
-/// produces exactly one such event, in order, so counting them tells which writes
-/// the tracker has read up to.
-fn is_fence_close(event: &fanotify::Event, state_handle: &FileHandle) -> bool {
-    event.mask & fanotify::FAN_CLOSE_WRITE != 0
-        && event
-            .names
-            .iter()
-            .any(|name| name.dir == *state_handle && name.name == FENCE_NAME.as_bytes())
+/// What the watcher has seen since the last journal batch.
+#[derive(Default)]
+struct Seen {
+    marks: BTreeMap<RepoPath, Mark>,
+    root_reason: Option<String>,
+    /// The highest fence number whose file's creation has been read.
+    fence: u64,
 }
 
-/// Maps fanotify events to marks: resolves directory handles (with a cache), keeps
-/// what lies under the root and is not excluded.
-struct Resolver<'a> {
+impl Seen {
+    fn mark(&mut self, path: RepoPath, mark: Mark) {
+        let slot = self.marks.entry(path).or_insert(mark);
+        *slot = (*slot).max(mark);
+    }
+}
+
+/// What every watcher needs to turn absolute paths into marks.
+struct Context<'a> {
     root: &'a Path,
     state_dir: &'a Path,
     excludes: &'a Excludes,
-    cache: HashMap<FileHandle, PathBuf>,
 }
 
-impl<'a> Resolver<'a> {
-    fn new(root: &'a Path, state_dir: &'a Path, excludes: &'a Excludes) -> Self {
-        Resolver {
-            root,
-            state_dir,
-            excludes,
-            cache: HashMap::new(),
+impl Context<'_> {
+    /// The path relative to the root, if it is under the root, outside the state
+    /// directory and not excluded.
+    fn relative(&self, full: &Path) -> Option<RepoPath> {
+        relative_to(self.root, self.state_dir, self.excludes, full)
+    }
+}
+
+fn relative_to(
+    root: &Path,
+    state_dir: &Path,
+    excludes: &Excludes,
+    full: &Path,
+) -> Option<RepoPath> {
+    if full.starts_with(state_dir) {
+        return None;
+    }
+    let inside = full.strip_prefix(root).ok()?;
+    let path = RepoPath::parse(inside.as_os_str().as_bytes()).ok()?;
+    // An excluded ancestor excludes the path.
+    let mut prefix: Option<RepoPath> = None;
+    for component in path.components() {
+        let next = match &prefix {
+            Some(prefix) => prefix.join(component).ok()?,
+            None => RepoPath::parse(component).ok()?,
+        };
+        if excludes.is_excluded(&next) {
+            return None;
+        }
+        prefix = Some(next);
+    }
+    Some(path)
+}
+
+/// A fence is a new file `fence-N` in the state directory: a unique name per
+/// request, so seeing its creation proves every earlier event was read (the queue
+/// is ordered) without counting events.
+fn create_fence(state_dir: &Path, number: u64) -> std::io::Result<()> {
+    std::fs::write(state_dir.join(format!("{FENCE_PREFIX}{number}")), b"")
+}
+
+/// The fence number of a file name like `fence-12`.
+fn fence_number(name: &[u8]) -> Option<u64> {
+    std::str::from_utf8(name.strip_prefix(FENCE_PREFIX.as_bytes())?)
+        .ok()?
+        .parse()
+        .ok()
+}
+
+/// Deletes fence files up to `upto`; best effort (they are tiny and reused names
+/// never clash: numbers only grow within one tracker run).
+fn remove_fence_files(state_dir: &Path, upto: u64) {
+    let Ok(listing) = std::fs::read_dir(state_dir) else {
+        return;
+    };
+    for item in listing.flatten() {
+        if fence_number(item.file_name().as_bytes()).is_some_and(|number| number <= upto) {
+            let _ = std::fs::remove_file(item.path());
+        }
+    }
+}
+
+/// The kernel interface feeding the journal.
+enum Watcher {
+    Fanotify {
+        group: Fanotify,
+        resolver: Resolver,
+        state_handle: FileHandle,
+    },
+    Inotify {
+        inotify: RecursiveInotify,
+        state_dir: PathBuf,
+        fallback_reason: Option<String>,
+    },
+}
+
+impl Watcher {
+    fn start(
+        choice: WatcherChoice,
+        root: &Path,
+        state_dir: &Path,
+        excludes: &Excludes,
+    ) -> Result<Watcher, TrackError> {
+        let watch_error = |source| TrackError::Watch {
+            path: root.to_path_buf(),
+            source,
+        };
+        let fanotify = || -> std::io::Result<Watcher> {
+            Ok(Watcher::Fanotify {
+                group: Fanotify::watch_filesystem(root)?,
+                resolver: Resolver::default(),
+                state_handle: Fanotify::handle_of(state_dir)?,
+            })
+        };
+        let inotify = |fallback_reason: Option<String>| -> std::io::Result<Watcher> {
+            let (root_owned, state_owned, excludes_owned) = (
+                root.to_path_buf(),
+                state_dir.to_path_buf(),
+                excludes.clone(),
+            );
+            let exclude = Box::new(move |path: &Path| {
+                path.starts_with(&state_owned)
+                    || relative_to(&root_owned, &state_owned, &excludes_owned, path).is_none()
+            });
+            let mut inotify = RecursiveInotify::watch(root, exclude)?;
+            inotify.watch_also(state_dir)?;
+            Ok(Watcher::Inotify {
+                inotify,
+                state_dir: state_dir.to_path_buf(),
+                fallback_reason,
+            })
+        };
+        match choice {
+            WatcherChoice::Fanotify => fanotify().map_err(watch_error),
+            WatcherChoice::Inotify => inotify(None).map_err(watch_error),
+            WatcherChoice::Auto => match fanotify() {
+                Ok(watcher) => Ok(watcher),
+                Err(refused) => inotify(Some(refused.to_string())).map_err(watch_error),
+            },
         }
     }
 
-    /// Adds the marks for `event` to `batch`. An error is the reason the whole root
+    fn description(&self) -> String {
+        match self {
+            Watcher::Fanotify { .. } => "fanotify, whole file system".to_owned(),
+            Watcher::Inotify {
+                inotify,
+                fallback_reason: Some(reason),
+                ..
+            } => format!(
+                "inotify on {} directories; fanotify was refused: {reason}",
+                inotify.watched()
+            ),
+            Watcher::Inotify { inotify, .. } => {
+                format!("inotify on {} directories", inotify.watched())
+            }
+        }
+    }
+
+    /// Reads what is pending (waiting briefly) into `seen`.
+    fn poll(&mut self, context: &Context<'_>, seen: &mut Seen) -> Result<(), TrackError> {
+        let wait = Duration::from_millis(20);
+        match self {
+            Watcher::Fanotify {
+                group,
+                resolver,
+                state_handle,
+            } => {
+                let events = group.read(wait).map_err(|source| TrackError::Watch {
+                    path: context.root.to_path_buf(),
+                    source,
+                })?;
+                for event in &events {
+                    if event.is_overflow() {
+                        seen.root_reason = Some("the kernel's event queue overflowed".to_owned());
+                        continue;
+                    }
+                    if let Some(number) = fanotify_fence(event, state_handle) {
+                        seen.fence = seen.fence.max(number);
+                        continue;
+                    }
+                    if let Err(reason) = resolver.marks_for(group, context, event, seen) {
+                        seen.root_reason = Some(reason);
+                    }
+                }
+            }
+            Watcher::Inotify {
+                inotify, state_dir, ..
+            } => {
+                let changes = match inotify.read(wait) {
+                    Ok(changes) => changes,
+                    Err(err) => {
+                        seen.root_reason =
+                            Some(format!("the inotify watch set may be incomplete: {err}"));
+                        Vec::new()
+                    }
+                };
+                if inotify.take_overflow() {
+                    seen.root_reason = Some("the kernel's event queue overflowed".to_owned());
+                }
+                for change in changes {
+                    if change.path.parent() == Some(state_dir.as_path()) {
+                        if let Some(number) = change
+                            .path
+                            .file_name()
+                            .and_then(|name| fence_number(name.as_bytes()))
+                        {
+                            seen.fence = seen.fence.max(number);
+                            continue;
+                        }
+                    }
+                    if let Some(path) = context.relative(&change.path) {
+                        let mark = if change.subtree {
+                            Mark::Subtree
+                        } else {
+                            Mark::Path
+                        };
+                        seen.mark(path, mark);
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The fence number if `event` creates one of our fence files.
+fn fanotify_fence(event: &fanotify::Event, state_handle: &FileHandle) -> Option<u64> {
+    if event.mask & fanotify::FAN_CREATE == 0 {
+        return None;
+    }
+    event
+        .names
+        .iter()
+        .filter(|name| name.dir == *state_handle)
+        .find_map(|name| fence_number(&name.name))
+}
+
+/// Resolves fanotify directory handles to paths, with a cache.
+#[derive(Default)]
+struct Resolver {
+    cache: HashMap<FileHandle, PathBuf>,
+}
+
+impl Resolver {
+    /// Adds the marks for `event` to `seen`. An error is the reason the whole root
     /// must be rescanned instead.
     fn marks_for(
         &mut self,
         group: &Fanotify,
+        context: &Context<'_>,
         event: &fanotify::Event,
-        batch: &mut BTreeMap<RepoPath, Mark>,
+        seen: &mut Seen,
     ) -> Result<(), String> {
         let directory_moved = event.is_dir()
             && event.mask
@@ -282,7 +491,9 @@ impl<'a> Resolver<'a> {
                     // lost by skipping the name: the deletion of the topmost deleted
                     // directory is reported in a parent that still exists, and that
                     // event marks its whole subtree (see the rule below).
-                    Err(err) if vdsync_sys::errno(&err) == Some(vdsync_sys::Errno::STALE) => continue,
+                    Err(err) if vdsync_sys::errno(&err) == Some(vdsync_sys::Errno::STALE) => {
+                        continue
+                    }
                     Err(err) => {
                         return Err(format!("a changed directory could not be resolved ({err})"))
                     }
@@ -293,7 +504,7 @@ impl<'a> Resolver<'a> {
             } else {
                 directory.join(std::ffi::OsStr::from_bytes(&name.name))
             };
-            let Some(path) = self.relative(&full) else {
+            let Some(path) = context.relative(&full) else {
                 continue;
             };
             // A directory that moves carries its contents (nothing below has an
@@ -305,37 +516,13 @@ impl<'a> Resolver<'a> {
             } else {
                 Mark::Path
             };
-            let slot = batch.entry(path).or_insert(mark);
-            *slot = (*slot).max(mark);
+            seen.mark(path, mark);
         }
         if directory_moved {
             // Every cached path below the moved directory is now wrong.
             self.cache.clear();
         }
         Ok(())
-    }
-
-    /// The path relative to the root, if it is under the root, not the state
-    /// directory and not excluded.
-    fn relative(&self, full: &Path) -> Option<RepoPath> {
-        if full.starts_with(self.state_dir) {
-            return None;
-        }
-        let inside = full.strip_prefix(self.root).ok()?;
-        let path = RepoPath::parse(inside.as_os_str().as_bytes()).ok()?;
-        // An excluded ancestor excludes the path.
-        let mut prefix: Option<RepoPath> = None;
-        for component in path.components() {
-            let next = match &prefix {
-                Some(prefix) => prefix.join(component).ok()?,
-                None => RepoPath::parse(component).ok()?,
-            };
-            if self.excludes.is_excluded(&next) {
-                return None;
-            }
-            prefix = Some(next);
-        }
-        Some(path)
     }
 }
 

@@ -129,11 +129,23 @@ struct TrackArgs {
     /// The development tree (`/` on a development machine)
     #[arg(long, value_name = "DIR")]
     root: PathBuf,
-    /// Journal, socket and fence file; must be on the same file system as the root
+    /// Journal, socket and fence files; must be on the same file system as the root
     #[arg(long, value_name = "DIR", default_value = DEV_STATE)]
     state: PathBuf,
+    /// How to watch: fanotify (one mark for the whole file system; needs
+    /// CAP_SYS_ADMIN and file handles), inotify (a watch per directory), or auto
+    /// (fanotify, else inotify)
+    #[arg(long, value_enum, default_value = "auto")]
+    watcher: WatcherArg,
     #[command(flatten)]
     excludes: ExcludeArgs,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum WatcherArg {
+    Auto,
+    Fanotify,
+    Inotify,
 }
 
 #[derive(Args)]
@@ -429,11 +441,16 @@ fn track(args: TrackArgs) -> Result<()> {
             root: &args.root,
             state_dir: &args.state,
             excludes: &excludes,
+            watcher: match args.watcher {
+                WatcherArg::Auto => vdsync_track::tracker::WatcherChoice::Auto,
+                WatcherArg::Fanotify => vdsync_track::tracker::WatcherChoice::Fanotify,
+                WatcherArg::Inotify => vdsync_track::tracker::WatcherChoice::Inotify,
+            },
         },
         stop,
-        &mut || {
+        &mut |watcher| {
             println!(
-                "tracking {} (fanotify, whole file system); journal in {}",
+                "tracking {} ({watcher}); journal in {}",
                 root.display(),
                 state.display()
             );

@@ -16,8 +16,20 @@ fn vdsync() -> Vdsync {
     Vdsync::new(env!("CARGO_BIN_EXE_vdsync"))
 }
 
+/// How the tracker under test is started.
+#[derive(Clone, Copy)]
+enum Watcher {
+    Fanotify,
+    Inotify,
+    /// `--watcher auto` without CAP_SYS_ADMIN: fanotify is refused.
+    AutoWithoutSysAdmin,
+}
+
 struct Lab {
     _temp: tempfile::TempDir,
+    watcher: Watcher,
+    /// The tracker's first line.
+    tracker_said: String,
     dir: PathBuf,
     dev: PathBuf,
     state: PathBuf,
@@ -27,7 +39,7 @@ struct Lab {
 }
 
 impl Lab {
-    fn new(initial: impl FnOnce(&Path)) -> Lab {
+    fn new(watcher: Watcher, initial: impl FnOnce(&Path)) -> Lab {
         let temp = tempdir().unwrap();
         let dir = temp.path().to_path_buf();
         let dev = dir.join("dev");
@@ -37,6 +49,8 @@ impl Lab {
         let repo = TestRepo::start(&vdsync, &dir, &dev);
         let mut lab = Lab {
             _temp: temp,
+            watcher,
+            tracker_said: String::new(),
             state: dir.join("state"),
             dir,
             dev,
@@ -52,13 +66,26 @@ impl Lab {
     }
 
     fn start_tracker(&mut self) {
-        let mut command = self.vdsync.command([
-            "track".as_ref(),
-            "--root".as_ref(),
-            self.dev.as_os_str(),
-            "--state".as_ref(),
-            self.state.as_os_str(),
-        ]);
+        let mut command = match self.watcher {
+            Watcher::AutoWithoutSysAdmin => {
+                let mut command = Command::new("setpriv");
+                command
+                    .args(["--inh-caps", "-sys_admin", "--bounding-set", "-sys_admin"])
+                    .arg(&self.vdsync.binary);
+                command
+            }
+            _ => Command::new(&self.vdsync.binary),
+        };
+        let watcher = match self.watcher {
+            Watcher::Fanotify => "fanotify",
+            Watcher::Inotify => "inotify",
+            Watcher::AutoWithoutSysAdmin => "auto",
+        };
+        command
+            .args(["track", "--watcher", watcher, "--root"])
+            .arg(&self.dev)
+            .arg("--state")
+            .arg(&self.state);
         command.stdout(Stdio::piped()).stderr(Stdio::null());
         let mut tracker = GroupChild::spawn(&mut command);
         let mut line = String::new();
@@ -66,6 +93,7 @@ impl Lab {
             .read_line(&mut line)
             .unwrap();
         assert!(line.starts_with("tracking "), "tracker said {line:?}");
+        self.tracker_said = line;
         self.tracker = Some(tracker);
     }
 
@@ -166,9 +194,8 @@ fn pairs(items: &[(&str, &str)]) -> Vec<(String, String)> {
         .collect()
 }
 
-#[test]
-fn every_kind_of_change_is_seen_and_pushed_from_the_journal() {
-    let lab = Lab::new(|dev| {
+fn every_kind_of_change_is_seen_and_pushed_from_the_journal(watcher: Watcher) {
+    let lab = Lab::new(watcher, |dev| {
         std::fs::create_dir_all(dev.join("etc/app")).unwrap();
         std::fs::write(dev.join("etc/app/app.conf"), "v1").unwrap();
         std::fs::write(dev.join("etc/motd"), "hello").unwrap();
@@ -229,9 +256,8 @@ fn every_kind_of_change_is_seen_and_pushed_from_the_journal() {
     assert_eq!(lab.status(), pairs(&[]));
 }
 
-#[test]
-fn temp_files_and_editor_saves_coalesce() {
-    let lab = Lab::new(|dev| {
+fn temp_files_and_editor_saves_coalesce(watcher: Watcher) {
+    let lab = Lab::new(watcher, |dev| {
         std::fs::write(dev.join("config.toml"), "a = 1").unwrap();
     });
     // A temp file created, written and deleted leaves nothing.
@@ -258,9 +284,8 @@ fn temp_files_and_editor_saves_coalesce() {
     lab.agent_matches_dev();
 }
 
-#[test]
-fn a_change_saved_just_before_push_is_never_left_out() {
-    let lab = Lab::new(|dev| {
+fn a_change_saved_just_before_push_is_never_left_out(watcher: Watcher) {
+    let lab = Lab::new(watcher, |dev| {
         std::fs::write(dev.join("page.html"), "v0").unwrap();
     });
     for round in 1..=5 {
@@ -275,9 +300,10 @@ fn a_change_saved_just_before_push_is_never_left_out() {
     lab.agent_matches_dev();
 }
 
-#[test]
-fn a_write_storm_loses_nothing() {
-    let lab = Lab::new(|dev| std::fs::create_dir(dev.join("storm")).unwrap());
+fn a_write_storm_loses_nothing(watcher: Watcher) {
+    let lab = Lab::new(watcher, |dev| {
+        std::fs::create_dir(dev.join("storm")).unwrap()
+    });
     for file in 0..2000 {
         std::fs::write(lab.dev.join(format!("storm/f{file}")), file.to_string()).unwrap();
     }
@@ -292,18 +318,20 @@ fn a_write_storm_loses_nothing() {
     lab.agent_matches_dev();
 }
 
-#[test]
-fn hard_links_fall_back_to_a_full_scan() {
-    let lab = Lab::new(|dev| std::fs::write(dev.join("a"), "shared").unwrap());
+fn hard_links_fall_back_to_a_full_scan(watcher: Watcher) {
+    let lab = Lab::new(watcher, |dev| {
+        std::fs::write(dev.join("a"), "shared").unwrap()
+    });
     std::fs::hard_link(lab.dev.join("a"), lab.dev.join("b")).unwrap();
     let pushed = lab.push();
     assert_eq!(pushed["source"]["mode"], "full_scan", "{pushed}");
     lab.agent_matches_dev();
 }
 
-#[test]
-fn queue_overflow_marks_the_whole_root_for_rescan() {
-    let lab = Lab::new(|dev| std::fs::create_dir(dev.join("flood")).unwrap());
+fn queue_overflow_marks_the_whole_root_for_rescan(watcher: Watcher) {
+    let lab = Lab::new(watcher, |dev| {
+        std::fs::create_dir(dev.join("flood")).unwrap()
+    });
     // Stop the tracker from reading, then make more events than the kernel queues
     // (16384 by default).
     let pid = lab.tracker.as_ref().unwrap().pid();
@@ -337,9 +365,10 @@ fn queue_overflow_marks_the_whole_root_for_rescan() {
     assert_eq!(report["source"]["mode"], "journal", "{report}");
 }
 
-#[test]
-fn changes_while_the_tracker_was_down_are_found_after_its_restart() {
-    let mut lab = Lab::new(|dev| std::fs::write(dev.join("before"), "0").unwrap());
+fn changes_while_the_tracker_was_down_are_found_after_its_restart(watcher: Watcher) {
+    let mut lab = Lab::new(watcher, |dev| {
+        std::fs::write(dev.join("before"), "0").unwrap()
+    });
     std::fs::write(lab.dev.join("before"), "1").unwrap();
     lab.stop_tracker();
     std::fs::write(lab.dev.join("while-down"), "unseen by any tracker").unwrap();
@@ -362,4 +391,45 @@ fn changes_while_the_tracker_was_down_are_found_after_its_restart() {
     lab.push();
     lab.agent_matches_dev();
     assert_eq!(lab.status_json()["source"]["mode"], "journal");
+}
+
+/// Runs each scenario once per watcher.
+macro_rules! for_each_watcher {
+    ($($scenario:ident),* $(,)?) => {
+        mod fanotify {
+            $(#[test] fn $scenario() { super::$scenario(super::Watcher::Fanotify) })*
+        }
+        mod inotify {
+            $(#[test] fn $scenario() { super::$scenario(super::Watcher::Inotify) })*
+        }
+    };
+}
+
+for_each_watcher!(
+    every_kind_of_change_is_seen_and_pushed_from_the_journal,
+    temp_files_and_editor_saves_coalesce,
+    a_change_saved_just_before_push_is_never_left_out,
+    a_write_storm_loses_nothing,
+    hard_links_fall_back_to_a_full_scan,
+    queue_overflow_marks_the_whole_root_for_rescan,
+    changes_while_the_tracker_was_down_are_found_after_its_restart,
+);
+
+#[test]
+fn where_fanotify_is_refused_the_tracker_falls_back_to_inotify_and_loses_nothing() {
+    let lab = Lab::new(Watcher::AutoWithoutSysAdmin, |dev| {
+        std::fs::create_dir(dev.join("site")).unwrap();
+        std::fs::write(dev.join("site/index.html"), "v0").unwrap();
+    });
+    assert!(
+        lab.tracker_said.contains("inotify") && lab.tracker_said.contains("fanotify was refused"),
+        "{}",
+        lab.tracker_said
+    );
+    std::fs::write(lab.dev.join("site/index.html"), "v1").unwrap();
+    std::fs::create_dir_all(lab.dev.join("site/new/deeper")).unwrap();
+    std::fs::write(lab.dev.join("site/new/deeper/page.html"), "fresh").unwrap();
+    let pushed = lab.push();
+    assert_eq!(pushed["source"]["mode"], "journal", "{pushed}");
+    lab.agent_matches_dev();
 }
