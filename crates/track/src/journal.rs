@@ -161,8 +161,11 @@ impl Journal {
         Ok(sequence)
     }
 
-    /// Everything recorded so far, with marks below subtree marks left out.
-    pub fn snapshot(&self) -> Result<Snapshot, TrackError> {
+    /// Everything recorded so far, with marks below subtree marks left out. Past
+    /// `mark_limit` marks the snapshot asks for a full scan instead of listing them:
+    /// reading that many paths one by one costs about what a scan costs, and neither
+    /// the tracker nor the pusher should hold millions of paths in memory.
+    pub fn snapshot(&self, mark_limit: u64) -> Result<Snapshot, TrackError> {
         let txn = self.db.begin_read().map_err(|e| self.error(e))?;
         let meta = txn.open_table(META).map_err(|e| self.error(e))?;
         let sequence = meta
@@ -175,6 +178,19 @@ impl Journal {
             .map_err(|e| self.error(e))?
             .and_then(|v| serde_json::from_slice(v.value()).ok());
         let table = txn.open_table(MARKS).map_err(|e| self.error(e))?;
+        let count = table.len().map_err(|e| self.error(e))?;
+        if count > mark_limit {
+            return Ok(Snapshot {
+                sequence,
+                root: Some(RootRescan {
+                    sequence,
+                    reason: format!(
+                        "{count} paths changed, more than the {mark_limit} a journal-driven push reads one by one"
+                    ),
+                }),
+                marks: Vec::new(),
+            });
+        }
         let mut marks: Vec<(RepoPath, Mark)> = Vec::new();
         let mut covering: Option<RepoPath> = None;
         for item in table.iter().map_err(|e| self.error(e))? {
@@ -257,7 +273,7 @@ mod tests {
             .record(&marks(&[("a", Mark::Path), ("c", Mark::Path)]), None)
             .unwrap();
         assert!(second > first);
-        let snapshot = journal.snapshot().unwrap();
+        let snapshot = journal.snapshot(100).unwrap();
         assert_eq!(snapshot.sequence, second);
         assert_eq!(snapshot.root.as_ref().unwrap().reason, "tracker started");
         let shown: Vec<(String, Mark)> = snapshot
@@ -277,10 +293,15 @@ mod tests {
         // A push of the first batch clears it and the root mark; a change made
         // during the push (a later batch) stays.
         journal.clear_upto(first).unwrap();
-        let after = journal.snapshot().unwrap();
+        let after = journal.snapshot(100).unwrap();
         assert!(after.root.is_none());
         let shown: Vec<String> = after.marks.iter().map(|(p, _)| p.to_string()).collect();
         assert_eq!(shown, ["a", "c"]);
+
+        // Past the limit, a snapshot asks for a full scan instead of listing paths.
+        let crowded = journal.snapshot(1).unwrap();
+        assert!(crowded.marks.is_empty());
+        assert!(crowded.root.unwrap().reason.starts_with("2 paths changed"));
 
         drop(journal);
         let reopened = Journal::open(&temp.path().join("journal.redb")).unwrap();

@@ -41,6 +41,9 @@ const BATCH_INTERVAL: Duration = Duration::from_millis(100);
 /// A snapshot request waits this long for its fence event before failing.
 const FENCE_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// Past this many journalled paths a snapshot asks for a full scan instead.
+const SNAPSHOT_MARK_LIMIT: u64 = 100_000;
+
 /// Directories whose paths are remembered at once.
 const RESOLVER_CACHE_LIMIT: usize = 65_536;
 
@@ -178,7 +181,7 @@ pub fn run(
             last_flush = Instant::now();
         }
         if fence_due {
-            let snapshot = journal.snapshot();
+            let snapshot = journal.snapshot(SNAPSHOT_MARK_LIMIT);
             fences.retain(|(number, _, reply)| {
                 if *number > seen.fence {
                     return true;
