@@ -22,7 +22,7 @@ use std::io::{BufRead, BufReader, Write};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -90,6 +90,8 @@ pub enum WatcherChoice {
 /// A client request handed to the event loop, with the way back.
 struct Pending {
     request: Request,
+    /// For a snapshot: the number of the fence file created for it.
+    fence: u64,
     reply: mpsc::Sender<Response>,
 }
 
@@ -127,7 +129,8 @@ pub fn run(
     let _ = std::fs::remove_file(&socket_path);
     let listener = UnixListener::bind(&socket_path).map_err(io_error(&socket_path))?;
     let (requests, incoming) = mpsc::channel::<Pending>();
-    std::thread::spawn(move || serve_clients(listener, requests));
+    let fence_dir = state_dir.clone();
+    std::thread::spawn(move || serve_clients(listener, requests, fence_dir));
     ready(&watcher.description());
 
     let context = Context {
@@ -139,7 +142,6 @@ pub fn run(
     let mut last_flush = Instant::now();
     // Snapshot requests waiting for their fence: (fence number, deadline, reply).
     let mut fences: Vec<(u64, Instant, mpsc::Sender<Response>)> = Vec::new();
-    let mut fences_written = 0u64;
 
     while !stop.load(Ordering::Relaxed) {
         watcher.poll(&context, &mut seen)?;
@@ -147,21 +149,9 @@ pub fn run(
         // Requests from clients.
         while let Ok(pending) = incoming.try_recv() {
             match pending.request {
-                Request::Snapshot => match create_fence(&state_dir, fences_written + 1) {
-                    Ok(()) => {
-                        fences_written += 1;
-                        fences.push((
-                            fences_written,
-                            Instant::now() + FENCE_TIMEOUT,
-                            pending.reply,
-                        ));
-                    }
-                    Err(err) => {
-                        let _ = pending
-                            .reply
-                            .send(Response::Error(format!("cannot write the fence: {err}")));
-                    }
-                },
+                Request::Snapshot => {
+                    fences.push((pending.fence, Instant::now() + FENCE_TIMEOUT, pending.reply));
+                }
                 Request::Clear { sequence } => {
                     let answer = match journal.clear_upto(sequence) {
                         Ok(()) => Response::Cleared,
@@ -530,25 +520,52 @@ impl Resolver {
 }
 
 /// Accepts clients; each connection sends one request line and gets one answer line.
-fn serve_clients(listener: UnixListener, requests: mpsc::Sender<Pending>) {
+fn serve_clients(listener: UnixListener, requests: mpsc::Sender<Pending>, state_dir: PathBuf) {
+    let fences = Arc::new(AtomicU64::new(0));
     for stream in listener.incoming() {
         let Ok(stream) = stream else { continue };
         let requests = requests.clone();
+        let fences = fences.clone();
+        let state_dir = state_dir.clone();
         std::thread::spawn(move || {
-            let _ = answer_client(stream, &requests);
+            let _ = answer_client(stream, &requests, &fences, &state_dir);
         });
     }
 }
 
-fn answer_client(stream: UnixStream, requests: &mpsc::Sender<Pending>) -> std::io::Result<()> {
+fn answer_client(
+    stream: UnixStream,
+    requests: &mpsc::Sender<Pending>,
+    fences: &AtomicU64,
+    state_dir: &Path,
+) -> std::io::Result<()> {
     let mut reader = BufReader::new(stream.try_clone()?);
     let mut line = String::new();
     reader.read_line(&mut line)?;
     let response = match serde_json::from_str::<Request>(&line) {
         Ok(request) => {
+            let fence = match request {
+                Request::Snapshot => fences.fetch_add(1, Ordering::Relaxed) + 1,
+                Request::Clear { .. } => 0,
+            };
+            let is_snapshot = matches!(request, Request::Snapshot);
             let (reply, answer) = mpsc::channel();
-            if requests.send(Pending { request, reply }).is_err() {
+            if requests
+                .send(Pending {
+                    request,
+                    fence,
+                    reply,
+                })
+                .is_err()
+            {
                 Response::Error("the tracker is shutting down".to_owned())
+            } else if let Err(err) = is_snapshot
+                .then(|| create_fence(state_dir, fence))
+                .transpose()
+            {
+                // Created after the request is queued: the fence's event is what
+                // wakes the event loop, and the request must be there by then.
+                Response::Error(format!("cannot create the fence file: {err}"))
             } else {
                 answer
                     .recv()
