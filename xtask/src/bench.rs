@@ -18,19 +18,24 @@
 //! the agent syncs before and after placing files), rsync leaves its copy in the page
 //! cache. So the table shows both `rsync -a` alone and `rsync -a; sync`, the cost of
 //! an rsync copy that survives a power cut.
+//!
+//! This module also dispatches `cargo xtask bench NAME`; the change tracker's three
+//! benchmarks live in `bench_tracker.rs`.
 
 use std::fmt::Write as _;
 use std::fs::File;
 use std::io::{BufWriter, Write};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 
 use crate::harness::{
-    find_on_path, median, narrate, run_checked, seconds, start_repository_server,
-    sync_file_systems, BackgroundProcesses, Vdsync,
+    check_copy, find_on_path, initialize_repository, load_average, machine_summary, median,
+    narrate, parse_push_report, parse_repetitions, push_command, ratio_text, run_checked, seconds,
+    start_repository_server, sync_file_systems, with_trailing_slash, BackgroundProcesses,
+    SmallFileTree, Vdsync, Xorshift64,
 };
 
 /// Three runs give a median that one slow outlier (a page-cache eviction, a build next
@@ -38,10 +43,14 @@ use crate::harness::{
 /// `--repetitions N` buys steadier medians on a busy machine.
 const DEFAULT_REPETITIONS: usize = 3;
 
-const SMALL_FILE_COUNT: usize = 10_000;
-const SMALL_FILE_DIRECTORY_COUNT: usize = 100;
-const SMALL_FILE_MINIMUM_BYTES: usize = 1024;
-const SMALL_FILE_MAXIMUM_BYTES: usize = 4096;
+/// 10,000 files of 1-4 KiB, 100 per directory, each with its own pseudo-random content.
+const SMALL_FILES: SmallFileTree = SmallFileTree {
+    directories: 100,
+    files_per_directory: 100,
+    minimum_bytes: 1024,
+    maximum_bytes: 4096,
+    seed: 2024,
+};
 
 const LARGE_FILE_BYTES: u64 = 1 << 30;
 const GENERATION_BUFFER_BYTES: usize = 1 << 20;
@@ -78,20 +87,31 @@ struct WorkloadResult {
     rsync_then_sync: Duration,
 }
 
+const AVAILABLE: &str = "spine, one-change, tracker-overhead, tracker-memory";
+
 pub fn run(arguments: &[String]) -> Result<()> {
-    match arguments {
-        [name] if name == "spine" => spine(DEFAULT_REPETITIONS),
-        [name, option, count] if name == "spine" && option == "--repetitions" => {
-            let repetitions = count
-                .parse::<usize>()
-                .ok()
-                .filter(|repetitions| *repetitions > 0)
-                .with_context(|| format!("--repetitions takes a positive number, not {count:?}"))?;
-            spine(repetitions)
-        }
-        [name, ..] if name == "spine" => bail!("usage: cargo xtask bench spine [--repetitions N]"),
-        [] => bail!("missing benchmark name; available: spine"),
-        [name, ..] => bail!("unknown benchmark {name:?}; available: spine"),
+    let Some((name, options)) = arguments.split_first() else {
+        bail!("missing benchmark name; available: {AVAILABLE}");
+    };
+    let usage = format!("cargo xtask bench {name} [--repetitions N]");
+    match name.as_str() {
+        "spine" => spine(parse_repetitions(options, DEFAULT_REPETITIONS, &usage)?),
+        "one-change" => crate::bench_tracker::one_change(parse_repetitions(
+            options,
+            crate::bench_tracker::ONE_CHANGE_REPETITIONS,
+            &usage,
+        )?),
+        "tracker-overhead" => crate::bench_tracker::tracker_overhead(parse_repetitions(
+            options,
+            crate::bench_tracker::TRACKER_OVERHEAD_REPETITIONS,
+            &usage,
+        )?),
+        "tracker-memory" => crate::bench_tracker::tracker_memory(parse_repetitions(
+            options,
+            crate::bench_tracker::TRACKER_MEMORY_REPETITIONS,
+            &usage,
+        )?),
+        _ => bail!("unknown benchmark {name:?}; available: {AVAILABLE}"),
     }
 }
 
@@ -112,15 +132,13 @@ fn spine(repetitions: usize) -> Result<()> {
     let workloads = [
         Workload {
             table_name: "10,000 small files",
-            generate_source: generate_small_files,
+            generate_source: |source| SMALL_FILES.generate(source, |_| {}),
         },
         Workload {
             table_name: "1 GiB file",
             generate_source: generate_large_file,
         },
     ];
-    // Other work on the machine moves these figures more than anything measured here,
-    // so the load is printed for whoever compares two runs.
     let load_before = load_average();
     let mut results = Vec::new();
     for workload in &workloads {
@@ -134,11 +152,7 @@ fn spine(repetitions: usize) -> Result<()> {
 
     println!();
     print!("{}", format_tables(&results, repetitions));
-    println!(
-        "machine: {} CPUs, load average (1 min) {load_before} before, {} after",
-        std::thread::available_parallelism().map_or(0, usize::from),
-        load_average()
-    );
+    println!("{}", machine_summary(&load_before));
     drop(scratch);
     Ok(())
 }
@@ -206,13 +220,7 @@ fn measure_once(vdsync: &Vdsync, scratch_root: &Path, source: &Path) -> Result<M
             .with_context(|| format!("cannot create {}", directory.display()))?;
     }
 
-    run_checked(
-        vdsync
-            .command(["repo", "init", "--data"])
-            .arg(&repository_data)
-            .arg("--from-dir")
-            .arg(&empty_tree),
-    )?;
+    initialize_repository(vdsync, &repository_data, &empty_tree)?;
     let mut processes = BackgroundProcesses::default();
     let repository_url = start_repository_server(
         vdsync,
@@ -243,29 +251,13 @@ fn measure_once(vdsync: &Vdsync, scratch_root: &Path, source: &Path) -> Result<M
     sync_file_systems()?;
     let push_started = Instant::now();
     let push_output = run_checked(
-        vdsync
-            .command([
-                "push",
-                "--rescan",
-                "--json",
-                "-m",
-                "benchmark",
-                "--repo",
-                &repository_url,
-            ])
-            .arg("--root")
-            .arg(source)
-            .arg("--state")
-            .arg(&push_state),
+        push_command(vdsync, &repository_url, source, &push_state, "benchmark").arg("--rescan"),
     )?;
     let push = push_started.elapsed();
     let apply_started = Instant::now();
     run_checked(&mut agent_command())?;
     let apply = apply_started.elapsed();
-    let pushed_version = serde_json::from_str::<serde_json::Value>(&push_output)
-        .ok()
-        .and_then(|report| report.get("version").and_then(serde_json::Value::as_u64));
-    if pushed_version != Some(1) {
+    if parse_push_report(&push_output)?.version != Some(1) {
         bail!(
             "expected the push to make version 1, it printed {}",
             push_output.trim()
@@ -301,86 +293,6 @@ fn measure_once(vdsync: &Vdsync, scratch_root: &Path, source: &Path) -> Result<M
     })
 }
 
-/// The 1-minute load average from /proc/loadavg, or "unknown".
-fn load_average() -> String {
-    std::fs::read_to_string("/proc/loadavg")
-        .ok()
-        .and_then(|text| text.split_whitespace().next().map(str::to_owned))
-        .unwrap_or_else(|| "unknown".to_owned())
-}
-
-fn with_trailing_slash(directory: &Path) -> PathBuf {
-    let mut text = directory.as_os_str().to_owned();
-    text.push("/");
-    PathBuf::from(text)
-}
-
-fn check_copy(source: &Path, copy: &Path, what: &str) -> Result<()> {
-    let expected = vdsync_test_support::describe_tree(source, &[]);
-    let copied = vdsync_test_support::describe_tree(copy, &[]);
-    match vdsync_test_support::tree_differences(&expected, &copied) {
-        None => Ok(()),
-        Some(differences) => bail!("{what} does not match the source:\n{differences}"),
-    }
-}
-
-/// xorshift64: a few instructions per 8 bytes, so generating a gibibyte takes well
-/// under a second, and its output is incompressible, so neither side can win by
-/// compressing or deduplicating what a real payload would not let it.
-struct Xorshift64 {
-    state: u64,
-}
-
-impl Xorshift64 {
-    fn seeded(seed: u64) -> Xorshift64 {
-        // Multiplying by an odd constant spreads small seeds (0, 1, 2...) over the state
-        // and, with the `| 1`, keeps it non-zero (xorshift's one fixed point).
-        Xorshift64 {
-            state: seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1,
-        }
-    }
-
-    fn next_u64(&mut self) -> u64 {
-        self.state ^= self.state << 13;
-        self.state ^= self.state >> 7;
-        self.state ^= self.state << 17;
-        self.state
-    }
-
-    fn fill(&mut self, buffer: &mut [u8]) {
-        for chunk in buffer.chunks_mut(8) {
-            let random_bytes = self.next_u64().to_le_bytes();
-            chunk.copy_from_slice(&random_bytes[..chunk.len()]);
-        }
-    }
-}
-
-/// 10,000 files of 1-4 KiB, 100 per directory, each with its own pseudo-random content.
-fn generate_small_files(source: &Path) -> Result<String> {
-    let mut random = Xorshift64::seeded(2024);
-    let mut buffer = vec![0; SMALL_FILE_MAXIMUM_BYTES];
-    let mut total_bytes = 0;
-    let files_per_directory = SMALL_FILE_COUNT / SMALL_FILE_DIRECTORY_COUNT;
-    for directory_index in 0..SMALL_FILE_DIRECTORY_COUNT {
-        let directory = source.join(format!("dir-{directory_index:03}"));
-        std::fs::create_dir_all(&directory)
-            .with_context(|| format!("cannot create {}", directory.display()))?;
-        for file_index in 0..files_per_directory {
-            let size_range = (SMALL_FILE_MAXIMUM_BYTES - SMALL_FILE_MINIMUM_BYTES + 1) as u64;
-            let size = SMALL_FILE_MINIMUM_BYTES + (random.next_u64() % size_range) as usize;
-            random.fill(&mut buffer[..size]);
-            let path = directory.join(format!("file-{file_index:04}.dat"));
-            std::fs::write(&path, &buffer[..size])
-                .with_context(|| format!("cannot write {}", path.display()))?;
-            total_bytes += size;
-        }
-    }
-    Ok(format!(
-        "{SMALL_FILE_COUNT} files in {SMALL_FILE_DIRECTORY_COUNT} directories, {:.1} MiB",
-        total_bytes as f64 / (1024.0 * 1024.0)
-    ))
-}
-
 /// One 1 GiB file of pseudo-random bytes, written in 1 MiB pieces.
 fn generate_large_file(source: &Path) -> Result<String> {
     std::fs::create_dir_all(source)
@@ -403,22 +315,6 @@ fn generate_large_file(source: &Path) -> Result<String> {
         .map_err(|error| error.into_error())
         .with_context(|| format!("cannot write {}", path.display()))?;
     Ok(format!("1 file of {} MiB", LARGE_FILE_BYTES >> 20))
-}
-
-fn ratio_text(vdsync: Duration, rsync: Duration) -> String {
-    let vdsync_seconds = vdsync.as_secs_f64();
-    let rsync_seconds = rsync.as_secs_f64();
-    if vdsync_seconds >= rsync_seconds {
-        format!(
-            "{:.1}x slower",
-            vdsync_seconds / rsync_seconds.max(f64::EPSILON)
-        )
-    } else {
-        format!(
-            "{:.1}x faster",
-            rsync_seconds / vdsync_seconds.max(f64::EPSILON)
-        )
-    }
 }
 
 fn format_tables(results: &[WorkloadResult], repetitions: usize) -> String {
@@ -461,33 +357,4 @@ fn format_tables(results: &[WorkloadResult], repetitions: usize) -> String {
         );
     }
     text
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn ratio_says_which_side_won() {
-        assert_eq!(
-            ratio_text(Duration::from_millis(2310), Duration::from_millis(850)),
-            "2.7x slower"
-        );
-        assert_eq!(
-            ratio_text(Duration::from_millis(500), Duration::from_millis(1000)),
-            "2.0x faster"
-        );
-    }
-
-    #[test]
-    fn generated_data_does_not_repeat() {
-        let mut random = Xorshift64::seeded(0);
-        let mut buffer = [0; 64];
-        random.fill(&mut buffer);
-        assert!(buffer.chunks(8).any(|chunk| chunk != &buffer[..8]));
-        assert_ne!(
-            Xorshift64::seeded(0).next_u64(),
-            Xorshift64::seeded(1).next_u64()
-        );
-    }
 }

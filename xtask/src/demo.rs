@@ -16,7 +16,8 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 
 use crate::harness::{
-    narrate, run_checked, start_repository_server, wait_until, BackgroundProcesses, Vdsync,
+    initialize_repository, narrate, parse_push_report, push_command, run_checked,
+    start_repository_server, wait_for_agents_at_version, BackgroundProcesses, Vdsync,
 };
 
 /// Long enough for a loaded two-core CI machine, short enough that a hang is noticed.
@@ -85,13 +86,7 @@ pub fn run() -> Result<()> {
     write_default_tree(&development_tree)?;
 
     narrate("vdsync repo init --data repo --from-dir dev");
-    let init_output = run_checked(
-        vdsync
-            .command(["repo", "init", "--data"])
-            .arg(&repository_data)
-            .arg("--from-dir")
-            .arg(&development_tree),
-    )?;
+    let init_output = initialize_repository(&vdsync, &repository_data, &development_tree)?;
     print_indented(&init_output);
 
     narrate("vdsync repo serve --data repo --listen 127.0.0.1:0 (in the background)");
@@ -144,26 +139,17 @@ pub fn run() -> Result<()> {
 
     narrate("vdsync push --rescan -m \"demo change\"");
     let push_output = run_checked(
-        vdsync
-            .command([
-                "push",
-                "--rescan",
-                "--json",
-                "-m",
-                "demo change",
-                "--repo",
-                &repository_url,
-            ])
-            .arg("--root")
-            .arg(&development_tree)
-            .arg("--state")
-            .arg(&push_state),
+        push_command(
+            &vdsync,
+            &repository_url,
+            &development_tree,
+            &push_state,
+            "demo change",
+        )
+        .arg("--rescan"),
     )?;
-    let push_report = serde_json::from_str::<serde_json::Value>(&push_output)
-        .context("cannot read `vdsync push --json` output")?;
-    let pushed_version = push_report
-        .get("version")
-        .and_then(serde_json::Value::as_u64)
+    let pushed_version = parse_push_report(&push_output)?
+        .version
         .with_context(|| format!("`vdsync push` made no version: {}", push_output.trim()))?;
     println!("    {}", push_output.trim());
 
@@ -250,59 +236,22 @@ fn edit_development_tree(development_tree: &Path) -> Result<()> {
         .with_context(|| format!("cannot delete {}", deleted_path.display()))
 }
 
-/// Waits until `vdsync fleet --json` reports every demo agent at `version`. The fleet
-/// view, not the trees, decides: an agent reports only after the whole version is in
-/// place, so the `fleet` table printed afterwards already shows it.
+/// Waits until both demo agents report `version` to the repository.
 fn wait_for_fleet_version(
     vdsync: &Vdsync,
     repository_url: &str,
     version: u64,
     processes: &mut BackgroundProcesses,
 ) -> Result<Duration> {
-    let what = format!("web-1 and web-2 to report version {version}");
-    let result = wait_until(APPLY_TIMEOUT, &what, || {
-        processes.check_all_running()?;
-        fleet_is_at_version(vdsync, repository_url, version)
-    });
-    // On a timeout the agents' own words are the quickest way to the cause.
-    result
-        .map_err(|error| error.context(format!("the logs so far:\n{}", processes.all_log_tails())))
-}
-
-fn fleet_is_at_version(vdsync: &Vdsync, repository_url: &str, version: u64) -> Result<bool> {
-    let output = run_checked(&mut vdsync.command(["fleet", "--json", "--repo", repository_url]))?;
-    let fleet = serde_json::from_str::<serde_json::Value>(&output)
-        .context("cannot read `vdsync fleet --json` output")?;
-    let agents = fleet
-        .as_array()
-        .context("`vdsync fleet --json` did not print a list")?;
-    for (agent_name, _) in MACHINES {
-        let Some(agent) = agents.iter().find(|agent| {
-            agent.get("name").and_then(serde_json::Value::as_str) == Some(agent_name)
-        }) else {
-            // Not registered yet: the agent is still starting.
-            return Ok(false);
-        };
-        let last_outcome = agent.get("last_outcome");
-        let failed_version = last_outcome
-            .filter(|outcome| {
-                outcome.get("status").and_then(serde_json::Value::as_str) == Some("failed")
-            })
-            .and_then(|outcome| outcome.get("version"))
-            .and_then(serde_json::Value::as_u64);
-        if failed_version == Some(version) {
-            // The agent would retry, but a demo that fails once has already failed.
-            let error = last_outcome
-                .and_then(|outcome| outcome.get("error"))
-                .and_then(serde_json::Value::as_str)
-                .unwrap_or("no error message");
-            bail!("{agent_name} failed to apply version {version}: {error}");
-        }
-        if agent.get("version").and_then(serde_json::Value::as_u64) != Some(version) {
-            return Ok(false);
-        }
-    }
-    Ok(true)
+    let agent_names = MACHINES.map(|(agent_name, _)| agent_name);
+    wait_for_agents_at_version(
+        vdsync,
+        repository_url,
+        &agent_names,
+        version,
+        APPLY_TIMEOUT,
+        processes,
+    )
 }
 
 fn check_machines_match(development_tree: &Path, machine_roots: &[(&str, PathBuf)]) -> Result<()> {

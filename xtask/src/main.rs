@@ -3,11 +3,16 @@
 //!
 //! - `cargo xtask demo`: a repository, two agents and one push, narrated step by step.
 //! - `cargo xtask bench spine`: push + apply against `rsync -a`, same run, same disk.
+//! - `cargo xtask bench one-change | tracker-overhead | tracker-memory`: the change
+//!   tracker's benchmarks (one change pushed and applied against an incremental
+//!   `rsync -a`; `tar -xf` with and without the tracker; the tracker's memory with a
+//!   million journalled paths).
 //!
 //! This crate drives the release binary as a subprocess and depends on nothing of the
 //! product's; it is not shipped.
 
 mod bench;
+mod bench_tracker;
 mod demo;
 mod harness;
 
@@ -21,7 +26,15 @@ usage: cargo xtask <task>
 tasks:
   demo          build vdsync, start a repository and two agents, push a change, show it arrive
   bench spine [--repetitions N]
-                measure push + apply against rsync -a (10,000 small files, one 1 GiB file)";
+                measure push + apply against rsync -a (10,000 small files, one 1 GiB file)
+  bench one-change [--repetitions N]
+                one file changed in 100,000: tracked push until an agent has it, against
+                an incremental rsync -a of the same change (target: 100x faster)
+  bench tracker-overhead [--repetitions N]
+                tar -xf of 50,000 files with and without vdsync track running (target: 5%)
+  bench tracker-memory [--repetitions N]
+                the tracker's peak and resident memory with 1,000,000 journalled paths
+                (target: 64 MiB)";
 
 fn main() -> ExitCode {
     let arguments: Vec<String> = std::env::args().skip(1).collect();
