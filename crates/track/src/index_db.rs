@@ -45,11 +45,22 @@ impl IndexDb {
             db,
             path: path.to_path_buf(),
         };
-        let txn = index.db.begin_write().map_err(|err| db_error(path, err))?;
-        txn.open_table(ENTRIES).map_err(|err| db_error(path, err))?;
-        txn.open_table(META).map_err(|err| db_error(path, err))?;
-        txn.commit().map_err(|err| db_error(path, err))?;
+        index.create_tables()?;
         Ok(index)
+    }
+
+    /// Creates the tables in a new database. An existing one is only read: a write
+    /// transaction costs syncs, and `push` opens the index every time.
+    fn create_tables(&self) -> Result<(), TrackError> {
+        let read = self.db.begin_read().map_err(|e| self.error(e))?;
+        if read.open_table(ENTRIES).is_ok() && read.open_table(META).is_ok() {
+            return Ok(());
+        }
+        drop(read);
+        let txn = self.db.begin_write().map_err(|e| self.error(e))?;
+        txn.open_table(ENTRIES).map_err(|e| self.error(e))?;
+        txn.open_table(META).map_err(|e| self.error(e))?;
+        txn.commit().map_err(|e| self.error(e))
     }
 
     /// An empty index that lives only in memory (for `status` before any push).
@@ -59,10 +70,7 @@ impl IndexDb {
             .create_with_backend(redb::backends::InMemoryBackend::new())
             .map_err(|err| db_error(&path, err))?;
         let index = IndexDb { db, path };
-        let txn = index.db.begin_write().map_err(|e| index.error(e))?;
-        txn.open_table(ENTRIES).map_err(|e| index.error(e))?;
-        txn.open_table(META).map_err(|e| index.error(e))?;
-        txn.commit().map_err(|e| index.error(e))?;
+        index.create_tables()?;
         Ok(index)
     }
 

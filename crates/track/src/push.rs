@@ -168,38 +168,34 @@ fn push_once(client: &Client, options: &PushOptions<'_>) -> Result<PushReport, T
     if let Some(progress) = &options.progress {
         progress.start(total);
     }
-    let mut batch: Vec<Hash> = Vec::new();
-    let mut batch_bytes = 0u64;
-    for hash in &missing {
-        let len = sources[hash].2;
-        if !batch.is_empty() && (batch_bytes + len > PACK_BYTES || batch.len() >= PACK_BLOBS) {
-            report.bytes_sent += upload_batch(client, options, &sources, &batch)?;
-            batch.clear();
-            batch_bytes = 0;
-        }
-        batch.push(*hash);
-        batch_bytes += len;
-    }
-    if !batch.is_empty() {
-        report.bytes_sent += upload_batch(client, options, &sources, &batch)?;
-    }
-    report.blobs_sent = missing.len() as u64;
-
+    // The changeset is a blob too; it travels in the last pack, so a small push
+    // costs one upload (and one sync at the repository).
     let changeset_json =
         serde_json::to_vec(&report.changeset).map_err(|err| TrackError::CorruptState {
             path: index_path(options.state_dir),
             message: err.to_string(),
         })?;
     let changeset_hash = Hash::of(&changeset_json);
-    let changeset_len = changeset_json.len() as u64;
-    report.bytes_sent += client.upload_pack(
-        vec![UploadItem {
-            hash: changeset_hash,
-            len: changeset_len,
-            open: Box::new(move || Ok(Box::new(std::io::Cursor::new(changeset_json)))),
-        }],
-        Box::new(|_| {}),
-    )?;
+    let changeset_item = UploadItem {
+        hash: changeset_hash,
+        len: changeset_json.len() as u64,
+        open: Box::new(move || Ok(Box::new(std::io::Cursor::new(changeset_json)))),
+    };
+    let mut batch: Vec<Hash> = Vec::new();
+    let mut batch_bytes = 0u64;
+    for hash in &missing {
+        let len = sources[hash].2;
+        if !batch.is_empty() && (batch_bytes + len > PACK_BYTES || batch.len() >= PACK_BLOBS) {
+            report.bytes_sent += upload_batch(client, options, &sources, &batch, None)?;
+            batch.clear();
+            batch_bytes = 0;
+        }
+        batch.push(*hash);
+        batch_bytes += len;
+    }
+    report.bytes_sent += upload_batch(client, options, &sources, &batch, Some(changeset_item))?;
+    report.blobs_sent = missing.len() as u64;
+
     let committed = client.commit(&CommitRequest {
         parent: head,
         message: options.message.clone(),
@@ -231,8 +227,9 @@ fn upload_batch(
     options: &PushOptions<'_>,
     sources: &HashMap<Hash, (RepoPath, EntryKind, u64)>,
     batch: &[Hash],
+    last: Option<UploadItem>,
 ) -> Result<u64, TrackError> {
-    let items = batch
+    let mut items: Vec<UploadItem> = batch
         .iter()
         .map(|hash| {
             let (path, kind, len) = sources[hash].clone();
@@ -251,6 +248,7 @@ fn upload_batch(
             }
         })
         .collect();
+    items.extend(last);
     let progress = options.progress.clone();
     let on_bytes: Box<dyn FnMut(u64) + Send> = Box::new(move |bytes| {
         if let Some(progress) = &progress {

@@ -41,6 +41,12 @@ const BATCH_INTERVAL: Duration = Duration::from_millis(100);
 /// A snapshot request waits this long for its fence event before failing.
 const FENCE_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// A read returning at least this many events means a burst is under way...
+const BUSY_EVENTS: usize = 256;
+/// ...and the next read waits this long. Well under what fills the kernel queue
+/// (16,384 events) even on tmpfs.
+const BUSY_READ_DELAY: Duration = Duration::from_millis(10);
+
 /// Past this many journalled paths a snapshot asks for a full scan instead.
 const SNAPSHOT_MARK_LIMIT: u64 = 100_000;
 
@@ -139,12 +145,13 @@ pub fn run(
         excludes: options.excludes,
     };
     let mut seen = Seen::default();
+    let mut busy = false;
     let mut last_flush = Instant::now();
     // Snapshot requests waiting for their fence: (fence number, deadline, reply).
     let mut fences: Vec<(u64, Instant, mpsc::Sender<Response>)> = Vec::new();
 
     while !stop.load(Ordering::Relaxed) {
-        watcher.poll(&context, &mut seen)?;
+        watcher.poll(&context, &mut seen, &mut busy)?;
 
         // Requests from clients.
         while let Ok(pending) = incoming.try_recv() {
@@ -365,9 +372,22 @@ impl Watcher {
         }
     }
 
-    /// Reads what is pending (waiting briefly) into `seen`.
-    fn poll(&mut self, context: &Context<'_>, seen: &mut Seen) -> Result<(), TrackError> {
+    /// Reads what is pending (waiting briefly) into `seen`. `busy` says the last
+    /// read was large: then the next one is put off a little, so that the kernel
+    /// merges repeated events for the same name in its queue instead of the tracker
+    /// waking (and the writer paying a context switch) for every one. At rest a read
+    /// happens as soon as an event arrives, so a fence costs no added latency.
+    fn poll(
+        &mut self,
+        context: &Context<'_>,
+        seen: &mut Seen,
+        busy: &mut bool,
+    ) -> Result<(), TrackError> {
+        if *busy {
+            std::thread::sleep(BUSY_READ_DELAY);
+        }
         let wait = Duration::from_millis(20);
+        let events_read;
         match self {
             Watcher::Fanotify {
                 group,
@@ -378,6 +398,7 @@ impl Watcher {
                     path: context.root.to_path_buf(),
                     source,
                 })?;
+                events_read = events.len();
                 for event in &events {
                     if event.is_overflow() {
                         seen.root_reason = Some("the kernel's event queue overflowed".to_owned());
@@ -403,6 +424,7 @@ impl Watcher {
                         Vec::new()
                     }
                 };
+                events_read = changes.len();
                 if inotify.take_overflow() {
                     seen.root_reason = Some("the kernel's event queue overflowed".to_owned());
                 }
@@ -428,6 +450,7 @@ impl Watcher {
                 }
             }
         }
+        *busy = events_read >= BUSY_EVENTS;
         Ok(())
     }
 }
