@@ -192,6 +192,15 @@ impl Applier {
             }
             Err(source) => return Err(io_at(path, "read")(source)),
         };
+        if self
+            .current_version()?
+            .is_some_and(|version| version >= journal.version)
+        {
+            // Finished before the crash; only the journal's removal was lost.
+            std::fs::remove_file(&path).map_err(io_at(&path, "remove"))?;
+            self.discard_leftovers()?;
+            return Ok(None);
+        }
         let started = Instant::now();
         let mut applied = self.roll_forward(&journal)?;
         applied.recovered = true;
@@ -481,14 +490,24 @@ impl Applier {
             }
         }
 
+        // `applied` is written before the sync that makes the renames durable, so
+        // one sync covers both. That is safe: while the journal exists a restart
+        // rolls forward first, whatever `applied` says.
+        let applied_path = self.applied_path();
+        let mut temporary = applied_path.clone().into_os_string();
+        temporary.push(".tmp");
+        std::fs::write(&temporary, format!("{}\n", journal.version))
+            .map_err(io_at(&applied_path, "write"))?;
+        std::fs::rename(&temporary, &applied_path).map_err(io_at(&applied_path, "write"))?;
         vdsync_sys::syncfs(self.root.fd()).map_err(io_at(self.root.path(), "syncfs"))?;
-        vdsync_sys::write_atomic(
-            &self.applied_path(),
-            format!("{}\n", journal.version).as_bytes(),
-        )
-        .map_err(io_at(self.applied_path(), "write"))?;
+        if self.work_dir != self.state_dir {
+            // The state directory is on another file system than the tree.
+            let state = File::open(&self.state_dir).map_err(io_at(&self.state_dir, "open"))?;
+            vdsync_sys::syncfs(state.as_fd()).map_err(io_at(&self.state_dir, "syncfs"))?;
+        }
+        // The journal's removal need not be durable: a journal whose version is
+        // already recorded as applied is simply discarded on the next start.
         std::fs::remove_file(self.journal_path()).map_err(io_at(self.journal_path(), "remove"))?;
-        vdsync_sys::fsync_dir(&self.state_dir).map_err(io_at(&self.state_dir, "fsync"))?;
         // Cleanup is not part of the version: a crash here leaves only leftovers.
         let _ = std::fs::remove_dir_all(&journal.stage);
         let _ = std::fs::remove_dir_all(&trash);
@@ -602,5 +621,38 @@ mod tests {
         assert!(root.join("keep").is_dir());
         assert_eq!(applier.current_version().unwrap(), Some(1));
         assert!(!state.join("journal.json").exists());
+    }
+
+    /// The journal's removal is not synced: a journal for a version already
+    /// recorded as applied (its staging already cleaned up) is discarded, not
+    /// rolled forward again.
+    #[test]
+    fn a_leftover_journal_of_an_applied_version_is_discarded() {
+        let temp = tempfile::tempdir().unwrap();
+        let root = temp.path().join("root");
+        let state = temp.path().join("state");
+        std::fs::create_dir_all(&root).unwrap();
+        std::fs::create_dir_all(&state).unwrap();
+        std::fs::write(state.join("applied"), "1\n").unwrap();
+        let journal = Journal {
+            version: 1,
+            stage: state.join("stage-1"),
+            changeset: Changeset {
+                parent: Some(0),
+                removed: vec![path("gone")],
+                entries: vec![],
+            },
+            warnings: vec![],
+            bytes_fetched: 0,
+        };
+        std::fs::write(
+            state.join("journal.json"),
+            serde_json::to_vec(&journal).unwrap(),
+        )
+        .unwrap();
+        let applier = Applier::open(&root, &state).unwrap();
+        assert!(applier.recover().unwrap().is_none());
+        assert!(!state.join("journal.json").exists());
+        assert_eq!(applier.current_version().unwrap(), Some(1));
     }
 }
