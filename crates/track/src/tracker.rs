@@ -597,9 +597,11 @@ fn answer_client(
         }
         Err(err) => Response::Error(format!("bad request: {err}")),
     };
+    // One write per message: serde_json writes token by token.
+    let mut message = serde_json::to_vec(&response)?;
+    message.push(b'\n');
     let mut stream = stream;
-    serde_json::to_writer(&mut stream, &response)?;
-    stream.write_all(b"\n")?;
+    stream.write_all(&message)?;
     stream.flush()
 }
 
@@ -637,8 +639,9 @@ fn ask(state_dir: &Path, request: &Request) -> Result<Option<Response>, TrackErr
         .set_read_timeout(Some(FENCE_TIMEOUT + Duration::from_secs(5)))
         .map_err(io_error)?;
     let mut writer = stream.try_clone().map_err(io_error)?;
-    serde_json::to_writer(&mut writer, request).map_err(|err| io_error(err.into()))?;
-    writer.write_all(b"\n").map_err(io_error)?;
+    let mut message = serde_json::to_vec(request).map_err(|err| io_error(err.into()))?;
+    message.push(b'\n');
+    writer.write_all(&message).map_err(io_error)?;
     let mut line = String::new();
     BufReader::new(stream)
         .read_line(&mut line)
