@@ -584,6 +584,26 @@ mod tests {
     use super::*;
     use vdsync_proto::fixtures::path;
 
+    /// A journal (the commit point) for version 1 that removes `removed`.
+    fn write_journal_removing(state: &Path, removed: &str) {
+        let journal = Journal {
+            version: 1,
+            stage: state.join("stage-1"),
+            changeset: Changeset {
+                parent: Some(0),
+                removed: vec![path(removed)],
+                entries: vec![],
+            },
+            warnings: vec![],
+            bytes_fetched: 0,
+        };
+        std::fs::write(
+            state.join("journal.json"),
+            serde_json::to_vec(&journal).unwrap(),
+        )
+        .unwrap();
+    }
+
     /// Regression: a roll-forward re-run after a crash numbered its trash names from 1
     /// again, collided with the first run's trash (here a non-empty directory), and
     /// failed to remove the path.
@@ -596,22 +616,7 @@ mod tests {
         std::fs::write(root.join("doomed"), "old").unwrap();
         std::fs::create_dir_all(state.join("trash/1-1/from-first-run")).unwrap();
         std::fs::create_dir_all(state.join("stage-1")).unwrap();
-        let journal = Journal {
-            version: 1,
-            stage: state.join("stage-1"),
-            changeset: Changeset {
-                parent: Some(0),
-                removed: vec![path("doomed")],
-                entries: vec![],
-            },
-            warnings: vec![],
-            bytes_fetched: 0,
-        };
-        std::fs::write(
-            state.join("journal.json"),
-            serde_json::to_vec(&journal).unwrap(),
-        )
-        .unwrap();
+        write_journal_removing(&state, "doomed");
 
         let applier = Applier::open(&root, &state).unwrap();
         let recovered = applier.recover().unwrap().expect("a journal to finish");
@@ -634,22 +639,7 @@ mod tests {
         std::fs::create_dir_all(&root).unwrap();
         std::fs::create_dir_all(&state).unwrap();
         std::fs::write(state.join("applied"), "1\n").unwrap();
-        let journal = Journal {
-            version: 1,
-            stage: state.join("stage-1"),
-            changeset: Changeset {
-                parent: Some(0),
-                removed: vec![path("gone")],
-                entries: vec![],
-            },
-            warnings: vec![],
-            bytes_fetched: 0,
-        };
-        std::fs::write(
-            state.join("journal.json"),
-            serde_json::to_vec(&journal).unwrap(),
-        )
-        .unwrap();
+        write_journal_removing(&state, "gone");
         let applier = Applier::open(&root, &state).unwrap();
         assert!(applier.recover().unwrap().is_none());
         assert!(!state.join("journal.json").exists());

@@ -140,19 +140,8 @@ impl Fanotify {
     /// Waits up to `timeout` for events and returns what one read gives (possibly
     /// nothing, on timeout).
     pub fn read(&mut self, timeout: Duration) -> io::Result<Vec<Event>> {
-        let mut poll = [rustix::event::PollFd::new(
-            &self.fd,
-            rustix::event::PollFlags::IN,
-        )];
-        let timespec = rustix::event::Timespec {
-            tv_sec: timeout.as_secs() as _,
-            tv_nsec: timeout.subsec_nanos() as _,
-        };
-        match rustix::event::poll(&mut poll, Some(&timespec)) {
-            Ok(0) => return Ok(Vec::new()),
-            Ok(_) => {}
-            Err(rustix::io::Errno::INTR) => return Ok(Vec::new()),
-            Err(err) => return Err(err.into()),
+        if !crate::wait_readable(self.fd.as_fd(), timeout)? {
+            return Ok(Vec::new());
         }
         let n = match rustix::io::read(&self.fd, &mut self.buffer[..]) {
             Ok(n) => n,

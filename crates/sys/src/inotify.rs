@@ -34,6 +34,8 @@ use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use std::os::fd::AsFd;
+
 use rustix::fs::inotify::{self, CreateFlags, ReadFlags, WatchFlags};
 use rustix::io::Errno;
 
@@ -176,19 +178,8 @@ impl RecursiveInotify {
     /// timeout. An error means the watch set may be incomplete (for example the
     /// watch limit was reached): the caller must rescan the root.
     pub fn read(&mut self, timeout: Duration) -> io::Result<Vec<PathChange>> {
-        let mut poll = [rustix::event::PollFd::new(
-            &self.fd,
-            rustix::event::PollFlags::IN,
-        )];
-        let timespec = rustix::event::Timespec {
-            tv_sec: timeout.as_secs() as _,
-            tv_nsec: timeout.subsec_nanos() as _,
-        };
-        match rustix::event::poll(&mut poll, Some(&timespec)) {
-            Ok(0) => return Ok(Vec::new()),
-            Ok(_) => {}
-            Err(Errno::INTR) => return Ok(Vec::new()),
-            Err(err) => return Err(err.into()),
+        if !crate::wait_readable(self.fd.as_fd(), timeout)? {
+            return Ok(Vec::new());
         }
         let mut events = Vec::new();
         self.read_available(&mut events)?;

@@ -350,6 +350,23 @@ pub fn data_segments(file: &File, size: u64) -> io::Result<Option<Vec<(u64, u64)
     Ok(Some(segments))
 }
 
+/// Waits up to `timeout` for `fd` to become readable; false on timeout or signal.
+pub fn wait_readable(fd: BorrowedFd<'_>, timeout: std::time::Duration) -> io::Result<bool> {
+    let mut poll = [rustix::event::PollFd::new(
+        &fd,
+        rustix::event::PollFlags::IN,
+    )];
+    let timespec = rustix::event::Timespec {
+        tv_sec: timeout.as_secs() as _,
+        tv_nsec: timeout.subsec_nanos() as _,
+    };
+    match rustix::event::poll(&mut poll, Some(&timespec)) {
+        Ok(ready) => Ok(ready > 0),
+        Err(rustix::io::Errno::INTR) => Ok(false),
+        Err(err) => Err(err.into()),
+    }
+}
+
 pub fn fsync(fd: BorrowedFd<'_>) -> io::Result<()> {
     Ok(rustix::fs::fsync(fd)?)
 }

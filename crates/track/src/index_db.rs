@@ -3,15 +3,14 @@
 //!
 //! A journal-driven push reads and writes only the paths that changed, so the index
 //! must answer "what was at this path" and "everything below this directory" without
-//! loading the tree. Keys are path bytes with `/` replaced by NUL (which no name can
-//! contain): byte order then equals `RepoPath` order (parents directly before their
-//! children), and a subtree is one contiguous key range.
+//! loading the tree; keys are laid out (see `db`) so a subtree is one key range.
 
 use std::path::{Path, PathBuf};
 
 use redb::{Database, ReadableTable, TableDefinition};
 use vdsync_proto::RepoPath;
 
+use crate::db::{self, below, db_error, key_of};
 use crate::scan::{Index, IndexEntry};
 use crate::TrackError;
 
@@ -28,19 +27,9 @@ pub struct IndexDb {
     path: PathBuf,
 }
 
-fn key_of(path: &RepoPath) -> Vec<u8> {
-    path.as_bytes()
-        .iter()
-        .map(|&b| if b == b'/' { 0 } else { b })
-        .collect()
-}
-
 impl IndexDb {
     pub fn open(path: &Path) -> Result<IndexDb, TrackError> {
-        let db = Database::builder()
-            .set_cache_size(CACHE_BYTES)
-            .create(path)
-            .map_err(|err| db_error(path, err))?;
+        let db = db::open(path, CACHE_BYTES)?;
         let index = IndexDb {
             db,
             path: path.to_path_buf(),
@@ -116,17 +105,16 @@ impl IndexDb {
     pub fn subtree(&self, top: &RepoPath) -> Result<Vec<IndexEntry>, TrackError> {
         let txn = self.db.begin_read().map_err(|e| self.error(e))?;
         let table = txn.open_table(ENTRIES).map_err(|e| self.error(e))?;
-        let start = key_of(top);
-        let mut below = start.clone();
-        below.push(0);
-        let mut end = start.clone();
-        end.push(1);
+        let (start, end) = below(top);
         let mut entries = Vec::new();
-        if let Some(value) = table.get(start.as_slice()).map_err(|e| self.error(e))? {
+        if let Some(value) = table
+            .get(key_of(top).as_slice())
+            .map_err(|e| self.error(e))?
+        {
             entries.push(self.decode(value.value())?);
         }
         for item in table
-            .range(below.as_slice()..end.as_slice())
+            .range(start.as_slice()..end.as_slice())
             .map_err(|e| self.error(e))?
         {
             let (_, value) = item.map_err(|e| self.error(e))?;
@@ -152,24 +140,7 @@ impl IndexDb {
 
     /// Replaces the whole index (after a full scan).
     pub fn store(&self, index: &Index) -> Result<(), TrackError> {
-        let txn = self.db.begin_write().map_err(|e| self.error(e))?;
-        {
-            txn.delete_table(ENTRIES).map_err(|e| self.error(e))?;
-            let mut table = txn.open_table(ENTRIES).map_err(|e| self.error(e))?;
-            for entry in &index.entries {
-                let value = serde_json::to_vec(entry).map_err(|err| TrackError::CorruptState {
-                    path: self.path.clone(),
-                    message: err.to_string(),
-                })?;
-                table
-                    .insert(key_of(&entry.path).as_slice(), value.as_slice())
-                    .map_err(|e| self.error(e))?;
-            }
-            let mut meta = txn.open_table(META).map_err(|e| self.error(e))?;
-            meta.insert(VERSION_KEY, index.version.unwrap_or(u64::MAX))
-                .map_err(|e| self.error(e))?;
-        }
-        txn.commit().map_err(|e| self.error(e))
+        self.write(true, index.version, &[], &index.entries)
     }
 
     /// Removes every entry at or below `removed`, writes `upserts`, and records
@@ -180,18 +151,29 @@ impl IndexDb {
         removed: &[RepoPath],
         upserts: &[IndexEntry],
     ) -> Result<(), TrackError> {
+        self.write(false, version, removed, upserts)
+    }
+
+    fn write(
+        &self,
+        replace_all: bool,
+        version: Option<u64>,
+        removed: &[RepoPath],
+        upserts: &[IndexEntry],
+    ) -> Result<(), TrackError> {
         let txn = self.db.begin_write().map_err(|e| self.error(e))?;
         {
+            if replace_all {
+                txn.delete_table(ENTRIES).map_err(|e| self.error(e))?;
+            }
             let mut table = txn.open_table(ENTRIES).map_err(|e| self.error(e))?;
             for top in removed {
-                let start = key_of(top);
-                table.remove(start.as_slice()).map_err(|e| self.error(e))?;
-                let mut below = start.clone();
-                below.push(0);
-                let mut end = start;
-                end.push(1);
                 table
-                    .retain_in(below.as_slice()..end.as_slice(), |_, _| false)
+                    .remove(key_of(top).as_slice())
+                    .map_err(|e| self.error(e))?;
+                let (start, end) = below(top);
+                table
+                    .retain_in(start.as_slice()..end.as_slice(), |_, _| false)
                     .map_err(|e| self.error(e))?;
             }
             for entry in upserts {
@@ -204,17 +186,11 @@ impl IndexDb {
                     .map_err(|e| self.error(e))?;
             }
             let mut meta = txn.open_table(META).map_err(|e| self.error(e))?;
+            // u64::MAX stands for "pushed, but before any version existed".
             meta.insert(VERSION_KEY, version.unwrap_or(u64::MAX))
                 .map_err(|e| self.error(e))?;
         }
         txn.commit().map_err(|e| self.error(e))
-    }
-}
-
-fn db_error(path: &Path, err: impl Into<redb::Error>) -> TrackError {
-    TrackError::CorruptState {
-        path: path.to_path_buf(),
-        message: err.into().to_string(),
     }
 }
 

@@ -20,6 +20,7 @@ use redb::{Database, ReadableTable, ReadableTableMetadata, TableDefinition};
 use serde::{Deserialize, Serialize};
 use vdsync_proto::RepoPath;
 
+use crate::db::{self, db_error, key_of, path_of};
 use crate::TrackError;
 
 const MARKS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("marks");
@@ -62,18 +63,6 @@ pub struct Journal {
     path: PathBuf,
 }
 
-fn key_of(path: &RepoPath) -> Vec<u8> {
-    path.as_bytes()
-        .iter()
-        .map(|&b| if b == b'/' { 0 } else { b })
-        .collect()
-}
-
-fn path_of(key: &[u8]) -> Option<RepoPath> {
-    let bytes: Vec<u8> = key.iter().map(|&b| if b == 0 { b'/' } else { b }).collect();
-    RepoPath::parse(&bytes).ok()
-}
-
 fn encode_mark(mark: Mark, sequence: u64) -> [u8; 9] {
     let mut out = [0u8; 9];
     out[0] = match mark {
@@ -96,10 +85,7 @@ fn decode_mark(bytes: &[u8]) -> Option<(Mark, u64)> {
 
 impl Journal {
     pub fn open(path: &Path) -> Result<Journal, TrackError> {
-        let db = Database::builder()
-            .set_cache_size(CACHE_BYTES)
-            .create(path)
-            .map_err(|err| db_error(path, err))?;
+        let db = db::open(path, CACHE_BYTES)?;
         let journal = Journal {
             db,
             path: path.to_path_buf(),
@@ -239,13 +225,6 @@ impl Journal {
         let txn = self.db.begin_read().map_err(|e| self.error(e))?;
         let table = txn.open_table(MARKS).map_err(|e| self.error(e))?;
         table.len().map_err(|e| self.error(e))
-    }
-}
-
-fn db_error(path: &Path, err: impl Into<redb::Error>) -> TrackError {
-    TrackError::CorruptState {
-        path: path.to_path_buf(),
-        message: err.into().to_string(),
     }
 }
 

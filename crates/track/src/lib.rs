@@ -5,6 +5,7 @@
 //! state in `--state`.
 
 pub mod changes;
+mod db;
 pub mod excludes;
 pub mod index_db;
 pub mod journal;

@@ -104,18 +104,7 @@ const HASH_ATTEMPTS: usize = 5;
 /// Reads the tree under `root` (excluding `excludes`), reusing hashes from
 /// `previous` where the stat key matches.
 pub fn scan(root: &Path, excludes: &Excludes, previous: &Index) -> Result<Index, TrackError> {
-    let known: HashMap<&RepoPath, &IndexEntry> = previous
-        .entries
-        .iter()
-        .map(|item| (&item.path, item))
-        .collect();
-    let mut scanner = Scanner {
-        root,
-        excludes,
-        known,
-        entries: Vec::new(),
-        inodes: HashMap::new(),
-    };
+    let mut scanner = Scanner::new(root, excludes, &previous.entries);
     scanner.walk(None)?;
     let mut entries = scanner.entries;
     entries.sort_by(|a, b| a.path.cmp(&b.path));
@@ -144,15 +133,7 @@ pub fn scan_paths(
     paths: &[RepoPath],
     subtrees: &[RepoPath],
 ) -> Result<PartialScan, TrackError> {
-    let known: HashMap<&RepoPath, &IndexEntry> =
-        previous.iter().map(|item| (&item.path, item)).collect();
-    let mut scanner = Scanner {
-        root,
-        excludes,
-        known,
-        entries: Vec::new(),
-        inodes: HashMap::new(),
-    };
+    let mut scanner = Scanner::new(root, excludes, previous);
     for path in paths {
         if excludes.is_excluded(path) {
             continue;
@@ -182,7 +163,17 @@ struct Scanner<'a> {
     inodes: HashMap<(u64, u64), Vec<RepoPath>>,
 }
 
-impl Scanner<'_> {
+impl<'a> Scanner<'a> {
+    fn new(root: &'a Path, excludes: &'a Excludes, previous: &'a [IndexEntry]) -> Self {
+        Scanner {
+            root,
+            excludes,
+            known: previous.iter().map(|item| (&item.path, item)).collect(),
+            entries: Vec::new(),
+            inodes: HashMap::new(),
+        }
+    }
+
     fn walk(&mut self, dir: Option<&RepoPath>) -> Result<(), TrackError> {
         let dir_path = absolute(self.root, dir);
         let listing = match std::fs::read_dir(&dir_path) {
