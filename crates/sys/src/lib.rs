@@ -11,6 +11,9 @@
 
 pub mod fanotify;
 pub mod inotify;
+pub mod open_events;
+pub mod proc_events;
+pub mod process;
 
 use std::ffi::OsStr;
 use std::fs::File;
