@@ -6,6 +6,8 @@
 
 pub mod apply;
 mod follow;
+pub mod plan;
+pub mod rules;
 
 use std::path::PathBuf;
 
