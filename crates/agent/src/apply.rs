@@ -35,8 +35,10 @@ use std::time::Instant;
 use serde::{Deserialize, Serialize};
 use vdsync_proto::{Changeset, EntryKind, Hash, Metadata, RepoPath};
 use vdsync_store::SegmentReader;
+use vdsync_sys::process::FileId;
 use vdsync_sys::{Errno, RootDir, Special};
 
+use crate::plan::UpdatedFile;
 use crate::ApplyError;
 
 /// Where blobs come from: the repository over HTTP for an agent, the local store for
@@ -77,6 +79,20 @@ pub struct Applied {
     pub warnings: Vec<String>,
     pub recovered: bool,
     pub duration_ms: u64,
+    /// What was done to running processes.
+    pub processes: Vec<vdsync_proto::wire::ProcessOutcome>,
+}
+
+/// A version staged and not yet committed.
+pub struct Prepared {
+    journal: Journal,
+    started: Instant,
+}
+
+impl Prepared {
+    pub fn changeset(&self) -> &Changeset {
+        &self.journal.changeset
+    }
 }
 
 /// The engine for one tree, with its working directory (`--state`).
@@ -125,6 +141,16 @@ fn stage_name(index: usize) -> Vec<u8> {
 }
 
 impl Applier {
+    /// An applier that only reads: it creates nothing (the state directory need not
+    /// exist) and must not be used to apply.
+    pub fn open_read_only(root: &Path, state_dir: &Path) -> Result<Applier, ApplyError> {
+        Ok(Applier {
+            root: RootDir::open(root).map_err(io_at(root, "open"))?,
+            state_dir: state_dir.to_path_buf(),
+            work_dir: state_dir.to_path_buf(),
+        })
+    }
+
     pub fn open(root: &Path, state_dir: &Path) -> Result<Applier, ApplyError> {
         std::fs::create_dir_all(state_dir).map_err(io_at(state_dir, "create"))?;
         let root_dir = RootDir::open(root).map_err(io_at(root, "open"))?;
@@ -229,6 +255,19 @@ impl Applier {
         changeset: &Changeset,
         blobs: &dyn BlobSource,
     ) -> Result<Applied, ApplyError> {
+        let prepared = self.prepare(version, changeset, blobs)?;
+        self.commit(prepared)
+    }
+
+    /// Phase 1 alone: stages the version. The tree is untouched; the agent stops
+    /// processes between this and [`Applier::commit`], so their downtime does not
+    /// include fetching.
+    pub fn prepare(
+        &self,
+        version: u64,
+        changeset: &Changeset,
+        blobs: &dyn BlobSource,
+    ) -> Result<Prepared, ApplyError> {
         let started = Instant::now();
         changeset
             .validate()
@@ -237,14 +276,21 @@ impl Applier {
         let stage = self.work_dir.join(format!("stage-{version}"));
         std::fs::create_dir_all(&stage).map_err(io_at(&stage, "create"))?;
         let (bytes_fetched, warnings) = self.stage(changeset, &stage, blobs)?;
+        Ok(Prepared {
+            journal: Journal {
+                version,
+                stage,
+                changeset: changeset.clone(),
+                warnings,
+                bytes_fetched,
+            },
+            started,
+        })
+    }
 
-        let journal = Journal {
-            version,
-            stage,
-            changeset: changeset.clone(),
-            warnings,
-            bytes_fetched,
-        };
+    /// Phases 2 and 3: the journal (the commit point), then roll forward.
+    pub fn commit(&self, prepared: Prepared) -> Result<Applied, ApplyError> {
+        let journal = prepared.journal;
         let bytes = serde_json::to_vec(&journal).map_err(|err| ApplyError::CorruptState {
             path: self.journal_path(),
             message: err.to_string(),
@@ -252,8 +298,33 @@ impl Applier {
         vdsync_sys::write_atomic(&self.journal_path(), &bytes)
             .map_err(io_at(self.journal_path(), "write"))?;
         let mut applied = self.roll_forward(&journal)?;
-        applied.duration_ms = started.elapsed().as_millis() as u64;
+        applied.duration_ms = prepared.started.elapsed().as_millis() as u64;
         Ok(applied)
+    }
+
+    /// The regular file now at `path` in the tree, if there is one (symlinks are
+    /// not followed).
+    pub fn file_at(&self, path: &RepoPath) -> Option<FileId> {
+        let parent = self.root.open_dir(&parent_bytes(path)).ok()?;
+        let stat = vdsync_sys::lstat_at(parent.as_fd(), path.file_name()).ok()??;
+        (rustix::fs::FileType::from_raw_mode(stat.st_mode) == rustix::fs::FileType::RegularFile)
+            .then_some(FileId {
+                dev: stat.st_dev,
+                ino: stat.st_ino,
+            })
+    }
+
+    /// Every non-directory the changeset places, with the file now at its path.
+    pub fn updated_files(&self, changeset: &Changeset) -> Vec<UpdatedFile> {
+        changeset
+            .entries
+            .iter()
+            .filter(|item| item.entry.kind != EntryKind::Dir)
+            .map(|item| UpdatedFile {
+                path: item.path.clone(),
+                current: self.file_at(&item.path),
+            })
+            .collect()
     }
 
     /// Phase 1: everything new, complete, in `stage`, then one syncfs.
@@ -520,6 +591,7 @@ impl Applier {
             warnings: journal.warnings.clone(),
             recovered: false,
             duration_ms: 0,
+            processes: Vec::new(),
         })
     }
 }

@@ -2,14 +2,26 @@
 //! version from the tree's own up to the repository's head, in order, reporting
 //! each outcome. Waiting for new versions is a long-poll on the repository, not a
 //! busy loop.
+//!
+//! Each version goes: stage (fetch everything; the tree and the processes are
+//! untouched) → plan (which processes need what, from /proc and the open log) →
+//! stop → commit (journal, roll forward) → start, reload, commands. Processes are
+//! down only while the version is placed, never while it downloads.
 
+use std::collections::HashSet;
 use std::path::Path;
 use std::time::Duration;
 
 use vdsync_client::Client;
 use vdsync_proto::display::error_chain;
 use vdsync_proto::wire::{Hello, Outcome, OutcomeStatus};
+use vdsync_proto::Changeset;
+use vdsync_sys::process::{FileId, ProcessFiles};
 
+use crate::openlog::OpenLog;
+use crate::plan::{Inputs, Plan, UpdatedFile};
+use crate::processes::{ProcessOptions, Processes};
+use crate::rules::{Action, Rules};
 use crate::{Applied, Applier, ApplyError};
 
 pub struct FollowOptions<'a> {
@@ -22,6 +34,10 @@ pub struct FollowOptions<'a> {
     pub poll_wait: Duration,
     /// Pause after a failed version before trying it again.
     pub retry_after: Duration,
+    pub rules: &'a Rules,
+    pub processes: ProcessOptions,
+    /// The open log, when the agent runs one (it needs CAP_SYS_ADMIN).
+    pub open_log: Option<&'a OpenLog>,
 }
 
 #[derive(Debug, Default)]
@@ -31,6 +47,10 @@ pub struct FollowSummary {
 }
 
 fn outcome_of(applied: &Applied) -> Outcome {
+    let failed = applied
+        .processes
+        .iter()
+        .any(|process| process.action == vdsync_proto::wire::ProcessAction::Failed);
     Outcome {
         version: applied.version,
         status: OutcomeStatus::Applied,
@@ -40,19 +60,35 @@ fn outcome_of(applied: &Applied) -> Outcome {
         duration_ms: applied.duration_ms,
         recovered: applied.recovered,
         warnings: applied.warnings.clone(),
-        error: None,
+        error: failed.then(|| "some process actions failed; see processes".to_string()),
+        processes: applied.processes.clone(),
     }
 }
+
 pub fn follow(client: &Client, options: &FollowOptions<'_>) -> Result<FollowSummary, ApplyError> {
     let applier = Applier::open(options.root, options.state_dir)?;
+    let processes = Processes::new(options.state_dir, options.processes, options.open_log);
     let mut summary = FollowSummary::default();
-    if let Some(recovered) = applier.recover()? {
+    let recovered_tree = applier.recover()?;
+    // Processes stopped for a version interrupted by a crash are started again
+    // whether or not the tree got that version.
+    let recovered_processes = processes.recover(&|path| applier.file_at(path))?;
+    if let Some(mut recovered) = recovered_tree {
         tracing::info!(
             version = recovered.version,
             "finished a version interrupted by a crash"
         );
+        if let Some((_, outcomes)) = recovered_processes {
+            recovered.processes = outcomes;
+        }
         report(client, options.name, &outcome_of(&recovered));
         summary.applied.push(recovered);
+    } else if let Some((version, outcomes)) = recovered_processes {
+        tracing::info!(
+            version,
+            processes = outcomes.len(),
+            "started again the processes an interrupted version had stopped"
+        );
     }
     let mut current = applier.current_version()?;
     client.hello(options.name, &Hello { version: current })?;
@@ -71,12 +107,13 @@ pub fn follow(client: &Client, options: &FollowOptions<'_>) -> Result<FollowSumm
         };
         while head.is_some() && current < head {
             let version = current.map_or(0, |v| v + 1);
-            match apply_one(client, &applier, version, current) {
+            match apply_one(client, &applier, &processes, options, version, current) {
                 Ok(applied) => {
                     tracing::info!(
                         version,
                         files = applied.files,
                         removed = applied.removed,
+                        processes = applied.processes.len(),
                         ms = applied.duration_ms,
                         "applied"
                     );
@@ -100,6 +137,7 @@ pub fn follow(client: &Client, options: &FollowOptions<'_>) -> Result<FollowSumm
                             recovered: false,
                             warnings: Vec::new(),
                             error: Some(message),
+                            processes: Vec::new(),
                         },
                     );
                     if options.once {
@@ -117,12 +155,11 @@ pub fn follow(client: &Client, options: &FollowOptions<'_>) -> Result<FollowSumm
     }
 }
 
-fn apply_one(
+fn fetch_changeset(
     client: &Client,
-    applier: &Applier,
     version: u64,
     current: Option<u64>,
-) -> Result<Applied, ApplyError> {
+) -> Result<Changeset, ApplyError> {
     let changeset = client.changeset(version)?;
     if changeset.parent != current {
         return Err(ApplyError::WrongParent {
@@ -131,7 +168,113 @@ fn apply_one(
             actual: current,
         });
     }
-    applier.apply(version, &changeset, client)
+    Ok(changeset)
+}
+
+fn apply_one(
+    client: &Client,
+    applier: &Applier,
+    processes: &Processes<'_>,
+    options: &FollowOptions<'_>,
+    version: u64,
+    current: Option<u64>,
+) -> Result<Applied, ApplyError> {
+    let changeset = fetch_changeset(client, version, current)?;
+    let prepared = applier.prepare(version, &changeset, client)?;
+    let updated = applier.updated_files(prepared.changeset());
+    let plan = make_plan(&updated, options.rules, options.open_log);
+    let pending = processes.stop(version, &plan)?;
+    let committed = applier.commit(prepared);
+    // Whatever happened to the tree, what was stopped is started again.
+    let outcomes = processes.finish(pending, &|path| applier.file_at(path))?;
+    let mut applied = committed?;
+    applied.processes = outcomes;
+    applied.warnings.extend(plan.notes);
+    Ok(applied)
+}
+
+/// Plans the process handling of `updated`. Reads /proc only when some file
+/// replaces one that exists or a rule names processes or commands.
+pub fn make_plan(updated: &[UpdatedFile], rules: &Rules, open_log: Option<&OpenLog>) -> Plan {
+    let ruled = updated.iter().any(|file| {
+        rules.matching(&file.path).is_some_and(|rule| {
+            rule.action == Action::Exec || (rule.process.is_some() && rule.action != Action::None)
+        })
+    });
+    if !ruled && updated.iter().all(|file| file.current.is_none()) {
+        return Plan {
+            files: Vec::new(),
+            ..Plan::default()
+        };
+    }
+    let snapshot = snapshot_processes();
+    let wanted: HashSet<FileId> = updated.iter().filter_map(|file| file.current).collect();
+    let opened_before = open_log
+        .map(|log| log.opened_before(&wanted))
+        .unwrap_or_default();
+    let mut plan = crate::plan::plan(&Inputs {
+        files: updated,
+        processes: &snapshot,
+        opened_before: &opened_before,
+        rules,
+        untouchable: &untouchable(),
+        systemd: vdsync_sys::process::systemd_is_init(),
+    });
+    match open_log {
+        None => plan.notes.push(
+            "no open log: files that processes only opened before are not considered".to_string(),
+        ),
+        Some(log) => {
+            if let Some(why) = log.incomplete() {
+                plan.notes
+                    .push(format!("the open log may be missing opens: {why}"));
+            }
+        }
+    }
+    plan
+}
+
+/// Every process /proc shows now; ones that exit while being read are left out.
+fn snapshot_processes() -> Vec<ProcessFiles> {
+    let pids = vdsync_sys::process::list_pids().unwrap_or_default();
+    pids.into_iter()
+        .filter_map(|pid| vdsync_sys::process::process_files(pid).ok())
+        .collect()
+}
+
+/// The agent and its ancestors: never stopped by the agent.
+fn untouchable() -> HashSet<i32> {
+    let mut pids = HashSet::new();
+    let mut current = std::process::id() as i32;
+    while current > 1 && pids.insert(current) {
+        match vdsync_sys::process::parent_of(current) {
+            Ok(parent) => current = parent,
+            Err(_) => break,
+        }
+    }
+    pids
+}
+
+/// The plans for every version from the tree's own to the head, computed against
+/// the tree as it is now, touching nothing (`agent --once --plan`).
+pub fn plan_pending(
+    client: &Client,
+    root: &Path,
+    state_dir: &Path,
+    rules: &Rules,
+) -> Result<Vec<(u64, Plan)>, ApplyError> {
+    let applier = Applier::open_read_only(root, state_dir)?;
+    let mut current = applier.current_version()?;
+    let head = client.head()?;
+    let mut plans = Vec::new();
+    while head.is_some() && current < head {
+        let version = current.map_or(0, |v| v + 1);
+        let changeset = fetch_changeset(client, version, current)?;
+        let updated = applier.updated_files(&changeset);
+        plans.push((version, make_plan(&updated, rules, None)));
+        current = Some(version);
+    }
+    Ok(plans)
 }
 
 /// Reports are best effort: a repository that cannot take one now does not undo

@@ -1,18 +1,21 @@
 //! The public-machine side: follow the repository's head and apply each version to
 //! the tree atomically.
 //!
-//! Only this crate writes into a machine's root. Process handling (stop, start,
-//! reload) belongs here too and comes with its own issue.
+//! Only this crate writes into a machine's root, and only this crate signals,
+//! stops and starts a machine's processes: [`plan`] decides (pure), [`processes`]
+//! acts, [`openlog`] remembers who opened what.
 
 pub mod apply;
 mod follow;
+pub mod openlog;
 pub mod plan;
+pub mod processes;
 pub mod rules;
 
 use std::path::PathBuf;
 
-pub use apply::{Applied, Applier, BlobSource, Journal};
-pub use follow::{follow, FollowOptions, FollowSummary};
+pub use apply::{Applied, Applier, BlobSource, Journal, Prepared};
+pub use follow::{follow, make_plan, plan_pending, FollowOptions, FollowSummary};
 use vdsync_proto::{ChangesetError, RepoPath};
 
 #[derive(Debug, thiserror::Error)]
@@ -45,6 +48,8 @@ pub enum ApplyError {
         expected: Option<u64>,
         actual: Option<u64>,
     },
+    #[error(transparent)]
+    Rules(#[from] rules::RulesError),
     #[error(transparent)]
     Repository(#[from] vdsync_client::ClientError),
 }

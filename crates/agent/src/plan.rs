@@ -25,12 +25,12 @@ use vdsync_sys::process::{FileId, ProcessFiles, ProcessKey};
 
 use crate::rules::{Action, Rules};
 
-/// A file of the version that replaces one now in the tree.
+/// A file the version places in the tree.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct UpdatedFile {
     pub path: RepoPath,
-    /// The file now at `path`, which processes may be using.
-    pub current: FileId,
+    /// The file now at `path`, which processes may be using; none for a new path.
+    pub current: Option<FileId>,
 }
 
 /// How a process is concerned with a file.
@@ -150,7 +150,11 @@ pub fn plan(inputs: &Inputs<'_>) -> Plan {
     let by_pid: HashMap<i32, &ProcessFiles> =
         inputs.processes.iter().map(|p| (p.key.pid, p)).collect();
     let mut users: HashMap<FileId, Vec<(&ProcessFiles, Use)>> = HashMap::new();
-    let wanted: HashSet<FileId> = inputs.files.iter().map(|file| file.current).collect();
+    let wanted: HashSet<FileId> = inputs
+        .files
+        .iter()
+        .filter_map(|file| file.current)
+        .collect();
     for process in inputs.processes {
         let mut seen = HashSet::new();
         let mut note = |file: FileId, how: Use| {
@@ -178,11 +182,13 @@ pub fn plan(inputs: &Inputs<'_>) -> Plan {
     for file in inputs.files {
         let rule = inputs.rules.matching(&file.path);
         let action = rule.map_or(Action::Auto, |rule| rule.action);
-        let mut concerned: Vec<(&ProcessFiles, Use)> =
-            users.get(&file.current).cloned().unwrap_or_default();
-        for key in inputs
-            .opened_before
-            .get(&file.current)
+        let mut concerned: Vec<(&ProcessFiles, Use)> = file
+            .current
+            .and_then(|current| users.get(&current).cloned())
+            .unwrap_or_default();
+        for key in file
+            .current
+            .and_then(|current| inputs.opened_before.get(&current))
             .into_iter()
             .flatten()
         {
@@ -396,7 +402,7 @@ mod tests {
                     .iter()
                     .map(|(p, ino)| UpdatedFile {
                         path: path(p),
-                        current: file(*ino),
+                        current: Some(file(*ino)),
                     })
                     .collect(),
                 processes,

@@ -107,6 +107,58 @@ pub struct Outcome {
     pub warnings: Vec<String>,
     #[serde(default)]
     pub error: Option<String>,
+    /// What was done to running processes for this version.
+    #[serde(default)]
+    pub processes: Vec<ProcessOutcome>,
+}
+
+/// What happened to one process (or one rule command) for a version.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProcessOutcome {
+    pub action: ProcessAction,
+    /// The process acted on (0 for a rule's command).
+    pub pid: i32,
+    /// Its name, or the command line of a rule's command.
+    pub name: String,
+    /// The pid it runs as now, after a restart.
+    #[serde(default)]
+    pub new_pid: Option<i32>,
+    /// Why this was done: which file, how the process used it.
+    pub reason: String,
+    /// How it went, where there is more to say (the verification, an exit status,
+    /// where the restore data came from, an error).
+    #[serde(default)]
+    pub detail: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ProcessAction {
+    /// Stopped before the version was placed, started after it.
+    Restarted,
+    /// SIGHUP, and it was seen opening an updated file.
+    Reloaded,
+    /// SIGHUP, not seen re-reading within the window: stopped and started.
+    RestartedAfterReload,
+    /// Gone when its turn to stop came: its parent ended it and owns it.
+    EndedByParent,
+    /// Something failed; `detail` says what.
+    Failed,
+    /// A rule's command ran.
+    Command,
+}
+
+impl ProcessAction {
+    pub fn name(self) -> &'static str {
+        match self {
+            ProcessAction::Restarted => "restarted",
+            ProcessAction::Reloaded => "reloaded",
+            ProcessAction::RestartedAfterReload => "restarted after reload",
+            ProcessAction::EndedByParent => "ended by its parent",
+            ProcessAction::Failed => "failed",
+            ProcessAction::Command => "command",
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -106,6 +106,7 @@ mod tests {
             recovered: false,
             warnings: vec![],
             error: None,
+            processes: Vec::new(),
         }
     }
 

@@ -398,6 +398,7 @@ fn agents_say_hello_and_report() {
         recovered: false,
         warnings: vec![],
         error: Some("disk full".into()),
+        processes: vec![],
     };
     let response = server.post_json("/v1/agents/web-1/report", &outcome);
     assert_eq!(response.status(), StatusCode::NO_CONTENT);

@@ -183,6 +183,27 @@ struct AgentArgs {
     /// Seconds to wait before retrying a failed version or an unreachable repository
     #[arg(long, value_name = "SECONDS", default_value_t = 5)]
     retry_after: u64,
+    /// Rules (TOML) overriding what an updated file means for the processes using it:
+    /// per glob, action none | auto | reload | restart | exec; first match wins
+    #[arg(long, value_name = "FILE")]
+    rules: Option<PathBuf>,
+    /// With --once: print, for the pending versions, each file, each process concerned,
+    /// the action and why; fetch nothing, change nothing
+    #[arg(long, requires = "once")]
+    plan: bool,
+    /// With --plan: print JSON
+    #[arg(long, requires = "plan")]
+    json: bool,
+    /// Milliseconds between two SIGTERMs when stopping processes (parents first)
+    #[arg(long, value_name = "MS", default_value_t = 100)]
+    stop_interval: u64,
+    /// Seconds a stopped process gets to exit before SIGKILL
+    #[arg(long, value_name = "SECONDS", default_value_t = 10)]
+    stop_timeout: u64,
+    /// Seconds a reloaded (SIGHUP) process gets to re-open an updated file before it
+    /// is stopped and started instead
+    #[arg(long, value_name = "SECONDS", default_value_t = 5.0)]
+    reload_window: f64,
 }
 
 #[derive(Args)]
@@ -506,7 +527,30 @@ fn agent(args: AgentArgs) -> Result<()> {
             .trim()
             .to_owned(),
     };
+    let rules = match &args.rules {
+        Some(path) => vdsync_agent::rules::Rules::load(path)?,
+        None => vdsync_agent::rules::Rules::built_in(),
+    };
+    if !(args.reload_window.is_finite() && args.reload_window >= 0.0) {
+        bail!("--reload-window must be a number of seconds, not {}", args.reload_window);
+    }
     let client = vdsync_client::Client::new(&args.repo)?;
+    if args.plan {
+        let plans = vdsync_agent::plan_pending(&client, &args.root, &args.state, &rules)?;
+        return output::print_plans(&plans, args.json);
+    }
+    // The open log needs CAP_SYS_ADMIN (fanotify) and CAP_NET_ADMIN (cn_proc);
+    // without it the agent still applies versions and restarts what /proc shows.
+    let open_log = match vdsync_agent::openlog::OpenLog::start(&[args.root.as_path()]) {
+        Ok(log) => Some(log),
+        Err(err) => {
+            tracing::warn!(
+                error = %err,
+                "no open log: processes that only opened a file before will not be reloaded"
+            );
+            None
+        }
+    };
     let summary = vdsync_agent::follow(
         &client,
         &vdsync_agent::FollowOptions {
@@ -516,8 +560,19 @@ fn agent(args: AgentArgs) -> Result<()> {
             once: args.once,
             poll_wait: Duration::from_secs(30),
             retry_after: Duration::from_secs(args.retry_after),
+            rules: &rules,
+            processes: vdsync_agent::processes::ProcessOptions {
+                stop_interval: Duration::from_millis(args.stop_interval),
+                stop_timeout: Duration::from_secs(args.stop_timeout),
+                reload_window: Duration::from_secs_f64(args.reload_window),
+                ..Default::default()
+            },
+            open_log: open_log.as_ref(),
         },
     )?;
+    for applied in &summary.applied {
+        output::print_process_outcomes(applied.version, &applied.processes);
+    }
     if args.once {
         match summary.version {
             Some(version) if summary.applied.is_empty() => {

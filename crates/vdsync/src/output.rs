@@ -222,3 +222,87 @@ pub fn print_status(report: &StatusReport, json: bool) -> Result<()> {
     }
     Ok(())
 }
+
+/// What `agent --once --plan` prints.
+pub fn print_plans(plans: &[(u64, vdsync_agent::plan::Plan)], json: bool) -> Result<()> {
+    if json {
+        let listed: Vec<serde_json::Value> = plans
+            .iter()
+            .map(|(version, plan)| serde_json::json!({ "version": version, "plan": plan }))
+            .collect();
+        println!("{}", serde_json::to_string_pretty(&listed)?);
+        return Ok(());
+    }
+    if plans.is_empty() {
+        println!("up to date: nothing to plan");
+        return Ok(());
+    }
+    for (version, plan) in plans {
+        println!("version {version}:");
+        for file in &plan.files {
+            if file.concerns.is_empty() && file.action == "auto" {
+                continue;
+            }
+            let rule = file
+                .rule
+                .as_deref()
+                .map(|rule| format!(" ({rule})"))
+                .unwrap_or_default();
+            println!("  {}: {}{rule}", file.path, file.action);
+            for concern in &file.concerns {
+                println!(
+                    "    {} (pid {}): {} - {}",
+                    concern.name,
+                    concern.pid,
+                    concern.decision.name(),
+                    concern.reason
+                );
+            }
+        }
+        let list = |targets: &[vdsync_agent::plan::Target]| {
+            targets
+                .iter()
+                .map(|t| format!("{} (pid {})", t.name, t.key.pid))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        if plan.is_empty() {
+            println!("  no process needs anything");
+        }
+        if !plan.restarts.is_empty() {
+            println!("  restart, in this order: {}", list(&plan.restarts));
+        }
+        if !plan.reloads.is_empty() {
+            println!("  reload: {}", list(&plan.reloads));
+        }
+        for command in &plan.commands {
+            println!("  run: {}", command.argv.join(" "));
+        }
+        for note in &plan.notes {
+            println!("  note: {note}");
+        }
+    }
+    Ok(())
+}
+
+/// One line per process acted on, after `agent --once`.
+pub fn print_process_outcomes(version: u64, outcomes: &[vdsync_proto::wire::ProcessOutcome]) {
+    for outcome in outcomes {
+        let new_pid = outcome
+            .new_pid
+            .map(|pid| format!(" -> pid {pid}"))
+            .unwrap_or_default();
+        let detail = outcome
+            .detail
+            .as_deref()
+            .map(|detail| format!(" ({detail})"))
+            .unwrap_or_default();
+        println!(
+            "version {version}: {} (pid {}) {}{new_pid}: {}{detail}",
+            outcome.name,
+            outcome.pid,
+            outcome.action.name(),
+            outcome.reason
+        );
+    }
+}

@@ -1,0 +1,391 @@
+//! The open log: which live process opened which file, since the agent started —
+//! the paper's per-process open list, without its kernel patch.
+//!
+//! One thread reads two kernel streams: fanotify `FAN_OPEN | FAN_OPEN_EXEC` with the
+//! opener's pid (every open on the watched file systems), and the process-events
+//! connector (fork, exec, exit of every process). Processes are keyed by pid *and*
+//! start time, so a reused pid never inherits another process's history.
+//!
+//! Like the paper's list, a process's history is inherited across `fork` (a daemon
+//! that reads its configuration and then forks into the background keeps it) and
+//! starts afresh at `exec`. The exec boundary is taken from the fanotify stream
+//! itself (`FAN_OPEN_EXEC` of the new program), not from the connector: the two
+//! streams are not ordered with each other, and an open made right after an exec
+//! must not be wiped by an exec event read late.
+//!
+//! The launch working directory of every process started while the agent runs is
+//! read at its exec event, for restarting it later where it was launched.
+//!
+//! Also here: waiting, after a SIGHUP, for a process (or a descendant) to open an
+//! updated file — the verification of a reload.
+
+use std::collections::{HashMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc, Arc, Mutex, MutexGuard};
+use std::time::{Duration, SystemTime};
+
+use vdsync_sys::open_events::{OpenBatch, OpenEvents};
+use vdsync_sys::proc_events::{ProcEvent, ProcEvents};
+use vdsync_sys::process::{FileId, ProcessKey};
+
+/// How many (process, file) pairs the log holds at most; past it, new opens are
+/// dropped and the log says it is incomplete.
+const MAX_PAIRS: usize = 4_000_000;
+
+#[derive(Default)]
+struct Record {
+    /// The process this one was forked from, since its last exec.
+    forked_from: Option<ProcessKey>,
+    opened: HashSet<FileId>,
+    launch_cwd: Option<PathBuf>,
+    alive: bool,
+    /// Live or remembered records whose `forked_from` is this one.
+    children: usize,
+}
+
+struct Waiter {
+    files: HashSet<FileId>,
+    ancestor: ProcessKey,
+    found: mpsc::Sender<ProcessKey>,
+}
+
+#[derive(Default)]
+struct State {
+    records: HashMap<ProcessKey, Record>,
+    live: HashMap<i32, ProcessKey>,
+    openers: HashMap<FileId, HashSet<ProcessKey>>,
+    pairs: usize,
+    waiters: Vec<Waiter>,
+    /// Why the log may have missed opens, if it may have.
+    incomplete: Option<String>,
+}
+
+/// The running open log. Dropping it stops its thread.
+pub struct OpenLog {
+    state: Arc<Mutex<State>>,
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+    since: SystemTime,
+}
+
+impl OpenLog {
+    /// Starts watching the file systems holding `paths` and the process events.
+    pub fn start(paths: &[&Path]) -> std::io::Result<OpenLog> {
+        let opens = OpenEvents::watch_filesystems(paths)?;
+        let processes = ProcEvents::subscribe()?;
+        let state = Arc::new(Mutex::new(State::default()));
+        let stop = Arc::new(AtomicBool::new(false));
+        let thread = {
+            let state = Arc::clone(&state);
+            let stop = Arc::clone(&stop);
+            std::thread::Builder::new()
+                .name("open-log".into())
+                .spawn(move || run(opens, processes, &state, &stop))?
+        };
+        Ok(OpenLog {
+            state,
+            stop,
+            thread: Some(thread),
+            since: SystemTime::now(),
+        })
+    }
+
+    /// When the log started: processes started earlier are known only by /proc.
+    pub fn since(&self) -> SystemTime {
+        self.since
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // A panic in the reader thread must not take the agent down with it; the
+        // data is still a consistent map.
+        self.state
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Why the log may be missing opens, if it may.
+    pub fn incomplete(&self) -> Option<String> {
+        self.lock().incomplete.clone()
+    }
+
+    /// For each of `files`, the live processes that opened it — themselves or a
+    /// process they were forked from since their last exec.
+    pub fn opened_before(&self, files: &HashSet<FileId>) -> HashMap<FileId, Vec<ProcessKey>> {
+        let state = self.lock();
+        let mut result: HashMap<FileId, Vec<ProcessKey>> = HashMap::new();
+        for file in files {
+            let Some(openers) = state.openers.get(file) else {
+                continue;
+            };
+            let mut keys: Vec<ProcessKey> = state
+                .live
+                .values()
+                .filter(|key| chain(&state, **key).any(|member| openers.contains(&member)))
+                .copied()
+                .collect();
+            if !keys.is_empty() {
+                keys.sort();
+                result.insert(*file, keys);
+            }
+        }
+        result
+    }
+
+    /// The working directory `key` was launched in, if it was launched while the
+    /// log ran.
+    pub fn launch_cwd(&self, key: ProcessKey) -> Option<PathBuf> {
+        self.lock()
+            .records
+            .get(&key)
+            .and_then(|record| record.launch_cwd.clone())
+    }
+
+    /// Registers a wait for `ancestor` or any process descended from it opening one
+    /// of `files`. Register before signalling, then call [`Verification::wait`].
+    pub fn expect_open(&self, ancestor: ProcessKey, files: HashSet<FileId>) -> Verification {
+        let (found, receiver) = mpsc::channel();
+        self.lock().waiters.push(Waiter {
+            files,
+            ancestor,
+            found,
+        });
+        Verification { receiver }
+    }
+}
+
+/// A pending reload verification.
+pub struct Verification {
+    receiver: mpsc::Receiver<ProcessKey>,
+}
+
+impl Verification {
+    /// The process that opened one of the files, if one did within `window`.
+    pub fn wait(self, window: Duration) -> Option<ProcessKey> {
+        self.receiver.recv_timeout(window).ok()
+    }
+}
+
+impl Drop for OpenLog {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// `key`, then the processes it was forked from, nearest first.
+fn chain(state: &State, key: ProcessKey) -> impl Iterator<Item = ProcessKey> + '_ {
+    let mut next = Some(key);
+    let mut steps = 0usize;
+    std::iter::from_fn(move || {
+        let current = next?;
+        steps += 1;
+        next = state
+            .records
+            .get(&current)
+            .and_then(|record| record.forked_from)
+            .filter(|_| steps < 4096);
+        Some(current)
+    })
+}
+
+fn run(mut opens: OpenEvents, mut processes: ProcEvents, state: &Mutex<State>, stop: &AtomicBool) {
+    let lock = || {
+        state
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    };
+    while !stop.load(Ordering::Relaxed) {
+        // Process events first: a fork read now links a child whose opens come
+        // next; the exec boundary comes from the open stream itself.
+        match processes.read(Duration::ZERO) {
+            Ok(events) => {
+                let mut state = lock();
+                for event in events {
+                    on_process_event(&mut state, event);
+                }
+            }
+            Err(err) => {
+                lock().incomplete = Some(format!("process events were lost ({err})"));
+            }
+        }
+        let batch = match opens.read(Duration::from_millis(100)) {
+            Ok(batch) => batch,
+            Err(err) => {
+                tracing::warn!(error = %err, "open log: reading fanotify failed");
+                lock().incomplete = Some(format!("reading opens failed ({err})"));
+                std::thread::sleep(Duration::from_millis(100));
+                continue;
+            }
+        };
+        on_opens(&mut lock(), batch);
+    }
+}
+
+fn key_of(state: &mut State, pid: i32) -> Option<ProcessKey> {
+    if let Some(key) = state.live.get(&pid) {
+        return Some(*key);
+    }
+    let key = vdsync_sys::process::process_key(pid).ok()?;
+    state.live.insert(pid, key);
+    let record = state.records.entry(key).or_default();
+    record.alive = true;
+    Some(key)
+}
+
+fn on_process_event(state: &mut State, event: ProcEvent) {
+    match event {
+        ProcEvent::Fork { parent, child } => {
+            let Some(parent_key) = key_of(state, parent) else {
+                return;
+            };
+            let Some(child_key) = key_of(state, child) else {
+                return;
+            };
+            let record = state.records.entry(child_key).or_default();
+            if record.forked_from.is_none() && record.launch_cwd.is_none() {
+                record.forked_from = Some(parent_key);
+                if let Some(parent_record) = state.records.get_mut(&parent_key) {
+                    parent_record.children += 1;
+                }
+            }
+        }
+        ProcEvent::Exec { pid } => {
+            let Some(key) = key_of(state, pid) else {
+                return;
+            };
+            let cwd = std::fs::read_link(format!("/proc/{pid}/cwd")).ok();
+            if let Some(record) = state.records.get_mut(&key) {
+                record.launch_cwd = cwd;
+            }
+        }
+        ProcEvent::Exit { pid } => {
+            if let Some(key) = state.live.remove(&pid) {
+                if let Some(record) = state.records.get_mut(&key) {
+                    record.alive = false;
+                }
+                forget_if_unreferenced(state, key);
+            }
+        }
+    }
+}
+
+/// Drops a dead record nobody inherits from, then its forebears likewise.
+fn forget_if_unreferenced(state: &mut State, key: ProcessKey) {
+    let mut current = Some(key);
+    while let Some(key) = current.take() {
+        let Some(record) = state.records.get(&key) else {
+            return;
+        };
+        if record.alive || record.children > 0 {
+            return;
+        }
+        let Some(record) = state.records.remove(&key) else {
+            return;
+        };
+        for file in &record.opened {
+            if let Some(openers) = state.openers.get_mut(file) {
+                openers.remove(&key);
+                if openers.is_empty() {
+                    state.openers.remove(file);
+                }
+            }
+        }
+        state.pairs -= record.opened.len();
+        if let Some(parent) = record.forked_from {
+            if let Some(parent_record) = state.records.get_mut(&parent) {
+                parent_record.children = parent_record.children.saturating_sub(1);
+                current = Some(parent);
+            }
+        }
+    }
+}
+
+fn on_opens(state: &mut State, batch: OpenBatch) {
+    if batch.overflowed {
+        state.incomplete = Some(format!(
+            "the kernel's open-event queue overflowed at {}",
+            humantime::format_rfc3339_seconds(SystemTime::now())
+        ));
+    }
+    for event in batch.events {
+        let Some(key) = key_of(state, event.pid) else {
+            continue;
+        };
+        if event.exec {
+            // A new program: what the old one opened is no longer its business.
+            start_afresh(state, key);
+        }
+        if !state.waiters.is_empty() {
+            notify_waiters(state, key, event.file);
+        }
+        if state.pairs >= MAX_PAIRS {
+            state.incomplete = Some("the open log is full".to_string());
+            continue;
+        }
+        let record = state.records.entry(key).or_default();
+        if record.opened.insert(event.file) {
+            state.pairs += 1;
+            state.openers.entry(event.file).or_default().insert(key);
+        }
+    }
+}
+
+fn start_afresh(state: &mut State, key: ProcessKey) {
+    let Some(record) = state.records.get_mut(&key) else {
+        return;
+    };
+    let opened = std::mem::take(&mut record.opened);
+    let parent = record.forked_from.take();
+    state.pairs -= opened.len();
+    for file in opened {
+        if let Some(openers) = state.openers.get_mut(&file) {
+            openers.remove(&key);
+            if openers.is_empty() {
+                state.openers.remove(&file);
+            }
+        }
+    }
+    if let Some(parent) = parent {
+        if let Some(parent_record) = state.records.get_mut(&parent) {
+            parent_record.children = parent_record.children.saturating_sub(1);
+        }
+        forget_if_unreferenced(state, parent);
+    }
+}
+
+fn notify_waiters(state: &mut State, opener: ProcessKey, file: FileId) {
+    let mut fired = Vec::new();
+    for (index, waiter) in state.waiters.iter().enumerate() {
+        if !waiter.files.contains(&file) {
+            continue;
+        }
+        let descends = chain(state, opener).any(|member| member == waiter.ancestor)
+            || descends_by_proc(opener.pid, waiter.ancestor.pid);
+        if descends {
+            let _ = waiter.found.send(opener);
+            fired.push(index);
+        }
+    }
+    for index in fired.into_iter().rev() {
+        state.waiters.swap_remove(index);
+    }
+}
+
+/// Whether `pid` descends from `ancestor` by the parent links /proc shows now (a
+/// worker forked by a reloaded master may not have its fork event read yet).
+fn descends_by_proc(pid: i32, ancestor: i32) -> bool {
+    let mut current = pid;
+    for _ in 0..64 {
+        if current == ancestor {
+            return true;
+        }
+        match vdsync_sys::process::parent_of(current) {
+            Ok(parent) if parent > 0 && parent != current => current = parent,
+            _ => return false,
+        }
+    }
+    false
+}
