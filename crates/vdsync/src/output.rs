@@ -74,7 +74,7 @@ pub fn print_fleet(agents: &[AgentInfo], json: bool) -> Result<()> {
             None => "-".to_owned(),
             Some(outcome) => match outcome.status {
                 OutcomeStatus::Applied => format!(
-                    "applied {} ({} files, {} removed, {} ms{}{})",
+                    "applied {} ({} files, {} removed, {} ms{}{}{})",
                     outcome.version,
                     outcome.files,
                     outcome.removed,
@@ -88,7 +88,8 @@ pub fn print_fleet(agents: &[AgentInfo], json: bool) -> Result<()> {
                         String::new()
                     } else {
                         format!(", {} warnings", outcome.warnings.len())
-                    }
+                    },
+                    process_summary(&outcome.processes),
                 ),
                 OutcomeStatus::Failed => format!(
                     "FAILED {}: {}",
@@ -305,4 +306,20 @@ pub fn print_process_outcomes(version: u64, outcomes: &[vdsync_proto::wire::Proc
             outcome.reason
         );
     }
+}
+
+/// `, 1 restarted, 2 reloaded, 1 failed` for the fleet table.
+fn process_summary(processes: &[vdsync_proto::wire::ProcessOutcome]) -> String {
+    let mut counts: Vec<(&'static str, usize)> = Vec::new();
+    for process in processes {
+        let name = process.action.name();
+        match counts.iter_mut().find(|(seen, _)| *seen == name) {
+            Some((_, count)) => *count += 1,
+            None => counts.push((name, 1)),
+        }
+    }
+    counts
+        .iter()
+        .map(|(name, count)| format!(", {count} {name}"))
+        .collect()
 }
