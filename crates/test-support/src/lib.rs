@@ -391,3 +391,25 @@ pub fn assert_trees_equal(
 
 /// Temporary directories, re-exported so tests need not name tempfile.
 pub use tempfile::{tempdir, Builder as TempBuilder, TempDir};
+
+// Fixtures for process-handling tests: the vdsync-testd helper daemon, real nginx and
+// redis-server running from test trees, and the /proc reading they share.
+mod nginx;
+mod processes;
+mod redis;
+mod testd;
+
+pub use nginx::{
+    http_get, nginx_config, HttpResponse, Nginx, NGINX_BINARY, NGINX_CONF_RELATIVE,
+    NGINX_WORKER_PROCESSES,
+};
+pub use processes::{
+    all_pids, free_loopback_port, kill_and_wait, pids_listening_on, pids_with_cmdline_containing,
+    process_children, process_cmdline, process_comm, process_is_running, process_stat,
+    signal_and_wait, terminate_until_none_left, ProcessStat,
+};
+pub use redis::{
+    redis_config, redis_ping, Redis, REDIS_BINARY_RELATIVE, REDIS_CONF_RELATIVE,
+    REDIS_SERVER_BINARY,
+};
+pub use testd::{read_testd_report, testd_binary, wait_for_report, TestdReport};
