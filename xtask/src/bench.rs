@@ -87,7 +87,8 @@ struct WorkloadResult {
     rsync_then_sync: Duration,
 }
 
-const AVAILABLE: &str = "spine, one-change, tracker-overhead, tracker-memory";
+const AVAILABLE: &str =
+    "spine, one-change, tracker-overhead, tracker-memory, nginx-reload, redis-update";
 
 pub fn run(arguments: &[String]) -> Result<()> {
     let Some((name, options)) = arguments.split_first() else {
@@ -109,6 +110,16 @@ pub fn run(arguments: &[String]) -> Result<()> {
         "tracker-memory" => crate::bench_tracker::tracker_memory(parse_repetitions(
             options,
             crate::bench_tracker::TRACKER_MEMORY_REPETITIONS,
+            &usage,
+        )?),
+        "nginx-reload" => crate::bench_processes::nginx_reload(parse_repetitions(
+            options,
+            crate::bench_processes::NGINX_PUSHES,
+            &usage,
+        )?),
+        "redis-update" => crate::bench_processes::redis_update(parse_repetitions(
+            options,
+            crate::bench_processes::REDIS_REPETITIONS,
             &usage,
         )?),
         _ => bail!("unknown benchmark {name:?}; available: {AVAILABLE}"),

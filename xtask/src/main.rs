@@ -7,11 +7,14 @@
 //!   tracker's benchmarks (one change pushed and applied against an incremental
 //!   `rsync -a`; `tar -xf` with and without the tracker; the tracker's memory with a
 //!   million journalled paths).
+//! - `cargo xtask bench nginx-reload | redis-update`: process-aware apply under real
+//!   daemons (a config push under load; a binary update).
 //!
 //! This crate drives the release binary as a subprocess and depends on nothing of the
 //! product's; it is not shipped.
 
 mod bench;
+mod bench_processes;
 mod bench_tracker;
 mod demo;
 mod harness;
@@ -34,7 +37,13 @@ tasks:
                 tar -xf of 50,000 files with and without vdsync track running (target: 5%)
   bench tracker-memory [--repetitions N]
                 the tracker's peak and resident memory with 1,000,000 journalled paths
-                (target: 64 MiB)";
+                (target: 64 MiB)
+  bench nginx-reload [--repetitions N]
+                nginx under wrk load while its configuration is pushed N times (target: 0
+                failed requests), beside stop/replace/start by hand
+  bench redis-update [--repetitions N]
+                a new redis-server build pushed: acknowledgement until PING answers again,
+                beside the paper's 5.878 s";
 
 fn main() -> ExitCode {
     let arguments: Vec<String> = std::env::args().skip(1).collect();

@@ -13,8 +13,9 @@
 //! streams are not ordered with each other, and an open made right after an exec
 //! must not be wiped by an exec event read late.
 //!
-//! The launch working directory of every process started while the agent runs is
-//! read at its exec event, for restarting it later where it was launched.
+//! The launch working directory, argv and environment of every process started
+//! while the agent runs are read at its exec event, for restarting it later as it
+//! was launched, whatever it did to its /proc entries since.
 //!
 //! Also here: waiting, after a SIGHUP, for a process (or a descendant) to open an
 //! updated file — the verification of a reload.
@@ -33,12 +34,37 @@ use vdsync_sys::process::{FileId, ProcessKey};
 /// dropped and the log says it is incomplete.
 const MAX_PAIRS: usize = 4_000_000;
 
+/// What a process looked like right at its exec, before it could change it: many
+/// daemons rewrite their command line (nginx: "nginx: master process ...") or
+/// clear their environment, and change directory, soon after starting.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Launch {
+    pub cwd: PathBuf,
+    pub argv: Vec<Vec<u8>>,
+    pub env: Vec<Vec<u8>>,
+}
+
+fn read_launch(pid: i32) -> Option<Launch> {
+    let split = |bytes: Vec<u8>| -> Vec<Vec<u8>> {
+        bytes
+            .split(|byte| *byte == 0)
+            .filter(|part| !part.is_empty())
+            .map(<[u8]>::to_vec)
+            .collect()
+    };
+    Some(Launch {
+        cwd: std::fs::read_link(format!("/proc/{pid}/cwd")).ok()?,
+        argv: split(std::fs::read(format!("/proc/{pid}/cmdline")).ok()?),
+        env: split(std::fs::read(format!("/proc/{pid}/environ")).ok()?),
+    })
+}
+
 #[derive(Default)]
 struct Record {
     /// The process this one was forked from, since its last exec.
     forked_from: Option<ProcessKey>,
     opened: HashSet<FileId>,
-    launch_cwd: Option<PathBuf>,
+    launch: Option<Launch>,
     alive: bool,
     /// Live or remembered records whose `forked_from` is this one.
     children: usize,
@@ -132,13 +158,13 @@ impl OpenLog {
         result
     }
 
-    /// The working directory `key` was launched in, if it was launched while the
-    /// log ran.
-    pub fn launch_cwd(&self, key: ProcessKey) -> Option<PathBuf> {
+    /// How `key` was launched (directory, argv, environment), if it was launched
+    /// while the log ran.
+    pub fn launch(&self, key: ProcessKey) -> Option<Launch> {
         self.lock()
             .records
             .get(&key)
-            .and_then(|record| record.launch_cwd.clone())
+            .and_then(|record| record.launch.clone())
     }
 
     /// Registers a wait for `ancestor` or any process descended from it opening one
@@ -245,7 +271,7 @@ fn on_process_event(state: &mut State, event: ProcEvent) {
                 return;
             };
             let record = state.records.entry(child_key).or_default();
-            if record.forked_from.is_none() && record.launch_cwd.is_none() {
+            if record.forked_from.is_none() && record.launch.is_none() {
                 record.forked_from = Some(parent_key);
                 if let Some(parent_record) = state.records.get_mut(&parent_key) {
                     parent_record.children += 1;
@@ -256,9 +282,9 @@ fn on_process_event(state: &mut State, event: ProcEvent) {
             let Some(key) = key_of(state, pid) else {
                 return;
             };
-            let cwd = std::fs::read_link(format!("/proc/{pid}/cwd")).ok();
+            let launch = read_launch(pid);
             if let Some(record) = state.records.get_mut(&key) {
-                record.launch_cwd = cwd;
+                record.launch = launch;
             }
         }
         ProcEvent::Exit { pid } => {

@@ -10,10 +10,10 @@
 //! turn comes and is *not* started again: its parent starts it. What is still alive
 //! after `stop_timeout` gets SIGKILL.
 //!
-//! Starting restores what /proc showed when the plan was made (argv, environment,
-//! uids, gids, groups, root, umask, limits, stdio) and the launch directory the open
-//! log saw at exec time (or, for a process older than the agent, its current one,
-//! and the outcome says so). The agent only ever runs a stopped process's own argv
+//! Starting restores what /proc showed when the plan was made (uids, gids, groups,
+//! root, umask, limits, stdio) and the argv, environment and directory the open log
+//! saw at exec time — or, for a process older than the agent, what /proc shows at
+//! stop time, and the outcome says so. The agent only ever runs a stopped process's own argv
 //! and environment, or a rule's command: it never runs interpreters or anything
 //! else to inspect a process.
 
@@ -234,15 +234,19 @@ impl<'a> Processes<'a> {
         }
         match proc::capture_restore(target.key.pid) {
             Ok(mut spec) => {
-                match self.open_log.and_then(|log| log.launch_cwd(target.key)) {
-                    Some(launch_cwd) => {
-                        if let Some(inside) = inside_root(&spec.root, &launch_cwd) {
+                match self.open_log.and_then(|log| log.launch(target.key)) {
+                    Some(launch) => {
+                        if let Some(inside) = inside_root(&spec.root, &launch.cwd) {
                             spec.cwd = inside;
                         }
+                        if !launch.argv.is_empty() {
+                            spec.argv = launch.argv;
+                        }
+                        spec.env = launch.env;
                     }
                     None => {
                         restart.restore_note = Some(
-                            "started before the agent: restored with the working directory /proc showed when it was stopped".to_string(),
+                            "started before the agent: restored with the command line, environment and working directory /proc showed when it was stopped".to_string(),
                         );
                     }
                 }

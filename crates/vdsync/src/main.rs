@@ -532,7 +532,10 @@ fn agent(args: AgentArgs) -> Result<()> {
         None => vdsync_agent::rules::Rules::built_in(),
     };
     if !(args.reload_window.is_finite() && args.reload_window >= 0.0) {
-        bail!("--reload-window must be a number of seconds, not {}", args.reload_window);
+        bail!(
+            "--reload-window must be a number of seconds, not {}",
+            args.reload_window
+        );
     }
     let client = vdsync_client::Client::new(&args.repo)?;
     if args.plan {
