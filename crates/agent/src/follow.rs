@@ -181,8 +181,16 @@ fn apply_one(
 ) -> Result<Applied, ApplyError> {
     let changeset = fetch_changeset(client, version, current)?;
     let prepared = applier.prepare(version, &changeset, client)?;
+    let planning = std::time::Instant::now();
     let updated = applier.updated_files(prepared.changeset());
     let plan = make_plan(&updated, options.rules, options.open_log);
+    tracing::debug!(
+        version,
+        ms = planning.elapsed().as_secs_f64() * 1000.0,
+        restarts = plan.restarts.len(),
+        reloads = plan.reloads.len(),
+        "planned process handling"
+    );
     let pending = processes.stop(version, &plan)?;
     let committed = applier.commit(prepared);
     // Whatever happened to the tree, what was stopped is started again.
