@@ -37,7 +37,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use procfs::process::{MemoryMaps, Stat, Status};
+use procfs::process::{Stat, Status};
 use procfs::{FromRead, ProcError, ProcessCGroups};
 use rustix::fs::{AtFlags, FileType, Mode, OFlags, ResolveFlags};
 use rustix::io::Errno;
@@ -88,7 +88,8 @@ pub struct ProcessFiles {
     pub catches_hangup: bool,
     /// The process ignores SIGHUP (SigIgn).
     pub ignores_hangup: bool,
-    /// The systemd unit from /proc/PID/cgroup, if the process is in one.
+    /// The systemd unit from /proc/PID/cgroup, if the process is in one; read
+    /// only when systemd is init (the only case where it is used).
     pub systemd_unit: Option<String>,
 }
 
@@ -191,29 +192,31 @@ pub fn parent_of(pid: i32) -> io::Result<i32> {
 pub fn process_files(pid: i32) -> io::Result<ProcessFiles> {
     let dir = ProcDir::open(pid)?;
     let stat: Stat = dir.parse("stat")?;
-    let status: Status = dir.parse("status")?;
-    // A kernel thread has no executable and no mappings; a zombie neither. Both
-    // read as "not found" here, and `confirm_alive` below tells them from a
-    // process that is gone.
+    // The agent reads every process on the machine for every version that replaces
+    // a file, so this is on the apply path: kernel threads stop here, and maps and
+    // status are scanned for the few columns needed instead of parsed whole
+    // (a big process has thousands of mappings).
+    if stat.flags & PF_KTHREAD != 0 {
+        return Err(io::Error::new(
+            io::ErrorKind::NotFound,
+            format!("process {pid} is a kernel thread"),
+        ));
+    }
+    let status = dir.read("status")?;
+    // A zombie has no executable and no mappings: it reads as "not found" here,
+    // and `confirm_alive` below tells it from a process that is gone.
     let exe = dir.file_id("exe")?;
-    let maps: MemoryMaps = dir.parse("maps")?;
-    let mapped: BTreeSet<FileId> = maps
-        .iter()
-        // Inode 0: anonymous memory, heap, stack, vdso. Shared anonymous memory
-        // and memfds carry inodes of internal file systems; they match no file a
-        // version replaces, so keeping them is harmless.
-        .filter(|map| map.inode != 0)
-        .map(|map| FileId {
-            // The maps column is the kernel's major:minor in hex; stat() reports
-            // the same device in the dev_t encoding, so convert to that.
-            dev: rustix::fs::makedev(map.dev.0 as u32, map.dev.1 as u32),
-            ino: map.inode,
-        })
-        .collect();
+    let mapped = mapped_files(&dir.read("maps")?);
     let open = dir.open_files()?;
-    let cgroup = dir.read("cgroup")?;
+    // The unit matters only when systemd runs the machine.
+    let cgroup = if systemd_is_init_cached() {
+        dir.read("cgroup")?
+    } else {
+        Vec::new()
+    };
     dir.confirm_alive()?;
     let hangup_bit = 1u64 << (libc::SIGHUP - 1);
+    let mask = |name: &str| status_mask(&status, name).unwrap_or(0);
     Ok(ProcessFiles {
         key: ProcessKey {
             pid,
@@ -222,12 +225,68 @@ pub fn process_files(pid: i32) -> io::Result<ProcessFiles> {
         parent: stat.ppid,
         name: stat.comm,
         exe,
-        mapped: mapped.into_iter().collect(),
+        mapped,
         open,
-        catches_hangup: status.sigcgt & hangup_bit != 0,
-        ignores_hangup: status.sigign & hangup_bit != 0,
+        catches_hangup: mask("SigCgt:") & hangup_bit != 0,
+        ignores_hangup: mask("SigIgn:") & hangup_bit != 0,
         systemd_unit: systemd_unit_of(&String::from_utf8_lossy(&cgroup)),
     })
+}
+
+/// The systemd unit `pid` runs in, from /proc/PID/cgroup.
+pub fn systemd_unit(pid: i32) -> io::Result<Option<String>> {
+    let dir = ProcDir::open(pid)?;
+    let cgroup = dir.read("cgroup")?;
+    Ok(systemd_unit_of(&String::from_utf8_lossy(&cgroup)))
+}
+
+fn systemd_is_init_cached() -> bool {
+    static SYSTEMD: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *SYSTEMD.get_or_init(systemd_is_init)
+}
+
+/// `PF_KTHREAD` in /proc/PID/stat's flags (include/linux/sched.h).
+const PF_KTHREAD: u32 = 0x0020_0000;
+
+/// The files mapped, from the text of /proc/PID/maps: lines of
+/// `start-end perms offset major:minor inode [path]`, device in hex. Inode 0 is
+/// anonymous memory, heap, stack, vdso. Shared anonymous memory and memfds carry
+/// inodes of internal file systems; they match no file a version replaces, so
+/// keeping them is harmless. Sorted, without duplicates.
+fn mapped_files(maps: &[u8]) -> Vec<FileId> {
+    let mut mapped: Vec<FileId> = maps
+        .split(|byte| *byte == b'\n')
+        .filter_map(|line| {
+            let mut fields = line
+                .split(|byte| *byte == b' ')
+                .filter(|field| !field.is_empty());
+            let device = fields.nth(3)?;
+            let inode: u64 = std::str::from_utf8(fields.next()?).ok()?.parse().ok()?;
+            if inode == 0 {
+                return None;
+            }
+            let device = std::str::from_utf8(device).ok()?;
+            let (major, minor) = device.split_once(':')?;
+            Some(FileId {
+                // stat() reports the same device in the dev_t encoding.
+                dev: rustix::fs::makedev(
+                    u32::from_str_radix(major, 16).ok()?,
+                    u32::from_str_radix(minor, 16).ok()?,
+                ),
+                ino: inode,
+            })
+        })
+        .collect();
+    mapped.sort();
+    mapped.dedup();
+    mapped
+}
+
+/// A hexadecimal signal mask line of /proc/PID/status (`SigCgt:\t0000000000004a02`).
+fn status_mask(status: &[u8], name: &str) -> Option<u64> {
+    let text = std::str::from_utf8(status).ok()?;
+    let line = text.lines().find(|line| line.starts_with(name))?;
+    u64::from_str_radix(line[name.len()..].trim(), 16).ok()
 }
 
 /// Captures what it takes to start `pid` again. The caller may replace `cwd`,
@@ -972,6 +1031,34 @@ fn check(result: libc::c_int) -> io::Result<()> {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn maps_and_status_text_are_read_for_the_needed_columns() {
+        let maps =
+            b"55d0c0a00000-55d0c0a02000 r--p 00000000 fe:01 1835045                    /usr/bin/cat
+55d0c0a02000-55d0c0a07000 r-xp 00002000 fe:01 1835045                    /usr/bin/cat
+7f1e2c000000-7f1e2c021000 rw-p 00000000 00:00 0 
+7f1e2c400000-7f1e2c6e9000 r--p 00000000 103:1f 2753 /usr/lib/locale/locale-archive (deleted)
+7ffd1b5f1000-7ffd1b612000 rw-p 00000000 00:00 0                          [stack]
+";
+        assert_eq!(
+            mapped_files(maps),
+            [
+                FileId {
+                    dev: rustix::fs::makedev(0xfe, 0x01),
+                    ino: 1835045
+                },
+                FileId {
+                    dev: rustix::fs::makedev(0x103, 0x1f),
+                    ino: 2753
+                },
+            ]
+        );
+        let status = b"Name:\tcat\nSigIgn:\t0000000000000001\nSigCgt:\t0000000000004a02\n";
+        assert_eq!(status_mask(status, "SigIgn:"), Some(1));
+        assert_eq!(status_mask(status, "SigCgt:"), Some(0x4a02));
+        assert_eq!(status_mask(status, "SigBlk:"), None);
+    }
     use super::*;
     use std::collections::BTreeMap;
     use std::io::{BufRead, BufReader};
@@ -1808,7 +1895,7 @@ while True:
         guard.child = Some(child);
         std::fs::write(leaf.join("cgroup.procs"), pid.to_string()).expect("move into cgroup");
         let text = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).expect("cgroup");
-        let unit = process_files(pid).expect("process_files").systemd_unit;
+        let unit = systemd_unit(pid).expect("systemd_unit");
         (unit, text)
     }
 
