@@ -52,6 +52,8 @@ pub struct OpenEvents {
     /// The group reports a failed open as a negative errno in the event's `fd`
     /// (`FAN_REPORT_FD_ERROR`, Linux 6.13) instead of failing the read.
     reports_fd_errors: bool,
+    /// File systems marked so far (by device).
+    marked_devices: HashSet<u64>,
 }
 
 /// `FAN_REPORT_FD_ERROR` from linux/fanotify.h (6.13), missing from libc. Without
@@ -89,33 +91,42 @@ impl OpenEvents {
     /// instead of kernel memory growing without bound.
     pub fn watch_filesystems(paths: &[&Path]) -> io::Result<OpenEvents> {
         let (group, reports_fd_errors) = create_group()?;
-        let mut marked_devices = HashSet::new();
-        for path in paths {
-            // Two paths on one file system would add the same mark twice: harmless,
-            // but a wasted call.
-            if !marked_devices.insert(rustix::fs::stat(*path)?.st_dev) {
-                continue;
-            }
-            let c_path = CString::new(path.as_os_str().as_bytes())
-                .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "path contains NUL"))?;
-            // SAFETY: `group` is a fanotify group, `c_path` a NUL-terminated path that
-            // outlives the call.
-            check(unsafe {
-                libc::fanotify_mark(
-                    group.as_raw_fd(),
-                    libc::FAN_MARK_ADD | libc::FAN_MARK_FILESYSTEM,
-                    libc::FAN_OPEN | libc::FAN_OPEN_EXEC,
-                    libc::AT_FDCWD,
-                    c_path.as_ptr(),
-                )
-            })?;
-        }
-        Ok(OpenEvents {
+        let mut events = OpenEvents {
             group,
             buffer: vec![0u8; events_per_read() * METADATA_LEN],
             own_pid: std::process::id() as i32,
             reports_fd_errors,
-        })
+            marked_devices: HashSet::new(),
+        };
+        for path in paths {
+            events.also_watch(path)?;
+        }
+        Ok(events)
+    }
+
+    /// Marks the file system holding `path` too; false if it was already marked.
+    pub fn also_watch(&mut self, path: &Path) -> io::Result<bool> {
+        // Two paths on one file system would add the same mark twice: harmless,
+        // but a wasted call.
+        let device = rustix::fs::stat(path)?.st_dev;
+        if self.marked_devices.contains(&device) {
+            return Ok(false);
+        }
+        let c_path = CString::new(path.as_os_str().as_bytes())
+            .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "path contains NUL"))?;
+        // SAFETY: `group` is a fanotify group, `c_path` a NUL-terminated path that
+        // outlives the call.
+        check(unsafe {
+            libc::fanotify_mark(
+                self.group.as_raw_fd(),
+                libc::FAN_MARK_ADD | libc::FAN_MARK_FILESYSTEM,
+                libc::FAN_OPEN | libc::FAN_OPEN_EXEC,
+                libc::AT_FDCWD,
+                c_path.as_ptr(),
+            )
+        })?;
+        self.marked_devices.insert(device);
+        Ok(true)
     }
 
     pub fn fd(&self) -> BorrowedFd<'_> {

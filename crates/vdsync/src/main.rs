@@ -544,8 +544,13 @@ fn agent(args: AgentArgs) -> Result<()> {
     }
     // The open log needs CAP_SYS_ADMIN (fanotify) and CAP_NET_ADMIN (cn_proc);
     // without it the agent still applies versions and restarts what /proc shows.
-    let open_log = match vdsync_agent::openlog::OpenLog::start(&[args.root.as_path()]) {
-        Ok(log) => Some(log),
+    let open_log = match vdsync_agent::openlog::OpenLog::start(&args.root) {
+        Ok((log, unwatched)) => {
+            for (mount, error) in unwatched {
+                tracing::warn!(mount = %mount.display(), %error, "opens on this mount are not logged");
+            }
+            Some(log)
+        }
         Err(err) => {
             tracing::warn!(
                 error = %err,
