@@ -216,6 +216,11 @@ pub fn plan(inputs: &Inputs<'_>) -> Plan {
                 )
             } else if process.key.pid == 1 {
                 (Decision::Nothing, "init is never stopped".to_string())
+            } else if process.interactive && action != Action::None {
+                (
+                    Decision::Nothing,
+                    "interactive (a terminal's session leader or foreground): a stop or SIGHUP would hang up someone's session".to_string(),
+                )
             } else {
                 decide(action, uses, process)
             };
@@ -235,7 +240,7 @@ pub fn plan(inputs: &Inputs<'_>) -> Plan {
                 });
                 target.paths.push(file.path.clone());
             }
-            if inputs.untouchable.contains(&process.key.pid)
+            if (inputs.untouchable.contains(&process.key.pid) || process.interactive)
                 && matches!(action, Action::Auto | Action::Reload | Action::Restart)
                 && uses != Use::OpenedBefore
             {
@@ -636,6 +641,41 @@ mod tests {
                 argv: vec!["/usr/bin/touch".into(), "/tmp/x".into()],
                 paths: vec![path("etc/myapp/a.conf"), path("etc/myapp/b.conf")],
             }]
+        );
+    }
+
+    #[test]
+    fn interactive_processes_are_left_alone() {
+        let mut shell = process(10, 1, "bash");
+        shell.interactive = true;
+        shell.exe = Some(file(1));
+        let mut editor = process(11, 10, "vim");
+        editor.interactive = true;
+        let daemon = process(12, 1, "daemon");
+        let plan = Case::new(
+            &[("usr/bin/bash", 1), ("etc/app.conf", 2)],
+            vec![shell, editor, daemon],
+        )
+        .opened(2, &[11, 12])
+        .plan();
+        assert!(plan.restarts.is_empty(), "{plan:?}");
+        assert_eq!(pids(&plan.reloads), [12]);
+        let decisions: Vec<(i32, Decision)> = plan
+            .files
+            .iter()
+            .flat_map(|f| f.concerns.iter().map(|c| (c.pid, c.decision)))
+            .collect();
+        assert_eq!(
+            decisions,
+            [
+                (10, Decision::Nothing),
+                (11, Decision::Nothing),
+                (12, Decision::Reload)
+            ]
+        );
+        assert_eq!(
+            plan.notes,
+            ["bash (pid 10) runs it usr/bin/bash and is left running"]
         );
     }
 

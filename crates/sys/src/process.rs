@@ -88,6 +88,10 @@ pub struct ProcessFiles {
     pub catches_hangup: bool,
     /// The process ignores SIGHUP (SigIgn).
     pub ignores_hangup: bool,
+    /// It has a controlling terminal and leads its session (a login shell) or is
+    /// in the terminal's foreground process group (what someone is typing at):
+    /// SIGHUP or a stop would hang up a person's session.
+    pub interactive: bool,
     /// The systemd unit from /proc/PID/cgroup, if the process is in one; read
     /// only when systemd is init (the only case where it is used).
     pub systemd_unit: Option<String>,
@@ -229,6 +233,7 @@ pub fn process_files(pid: i32) -> io::Result<ProcessFiles> {
         open,
         catches_hangup: mask("SigCgt:") & hangup_bit != 0,
         ignores_hangup: mask("SigIgn:") & hangup_bit != 0,
+        interactive: stat.tty_nr != 0 && (stat.session == pid || stat.tpgid == stat.pgrp),
         systemd_unit: systemd_unit_of(&String::from_utf8_lossy(&cgroup)),
     })
 }
