@@ -314,17 +314,27 @@ impl Applier {
             })
     }
 
-    /// Every non-directory the changeset places, with the file now at its path.
+    /// Every non-directory the changeset places, with the file now at its path,
+    /// then every removed path that is a regular file now (a removed directory's
+    /// contents are not listed).
     pub fn updated_files(&self, changeset: &Changeset) -> Vec<UpdatedFile> {
-        changeset
+        let placed = changeset
             .entries
             .iter()
             .filter(|item| item.entry.kind != EntryKind::Dir)
             .map(|item| UpdatedFile {
                 path: item.path.clone(),
                 current: self.file_at(&item.path),
+                removed: false,
+            });
+        let removed = changeset.removed.iter().filter_map(|path| {
+            self.file_at(path).map(|current| UpdatedFile {
+                path: path.clone(),
+                current: Some(current),
+                removed: true,
             })
-            .collect()
+        });
+        placed.chain(removed).collect()
     }
 
     /// Phase 1: everything new, complete, in `stage`, then one syncfs.

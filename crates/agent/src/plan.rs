@@ -31,6 +31,8 @@ pub struct UpdatedFile {
     pub path: RepoPath,
     /// The file now at `path`, which processes may be using; none for a new path.
     pub current: Option<FileId>,
+    /// The version removes the path instead of placing something there.
+    pub removed: bool,
 }
 
 /// How a process is concerned with a file.
@@ -221,6 +223,22 @@ pub fn plan(inputs: &Inputs<'_>) -> Plan {
                     Decision::Nothing,
                     "interactive (a terminal's session leader or foreground): a stop or SIGHUP would hang up someone's session".to_string(),
                 )
+            } else if file.removed
+                && matches!(uses, Use::Executable | Use::Mapped | Use::Open)
+                && action != Action::None
+            {
+                // Nothing to start it on; it keeps its copy until it exits.
+                notes.push(format!(
+                    "{} (pid {}) {} {}, which the version removes; it is left running",
+                    process.name,
+                    process.key.pid,
+                    uses.describe(),
+                    file.path
+                ));
+                (
+                    Decision::Nothing,
+                    "the file is removed: there is nothing to start it on".to_string(),
+                )
             } else {
                 decide(action, uses, process)
             };
@@ -408,6 +426,7 @@ mod tests {
                     .map(|(p, ino)| UpdatedFile {
                         path: path(p),
                         current: Some(file(*ino)),
+                        removed: false,
                     })
                     .collect(),
                 processes,
@@ -641,6 +660,28 @@ mod tests {
                 argv: vec!["/usr/bin/touch".into(), "/tmp/x".into()],
                 paths: vec![path("etc/myapp/a.conf"), path("etc/myapp/b.conf")],
             }]
+        );
+    }
+
+    #[test]
+    fn a_removed_file_reloads_its_readers_and_restarts_nobody() {
+        let reader = process(10, 1, "server");
+        let mut runner = process(11, 1, "tool");
+        runner.exe = Some(file(1));
+        let mut case = Case::new(
+            &[("usr/bin/tool", 1), ("etc/conf.d/old.conf", 2)],
+            vec![reader, runner],
+        )
+        .opened(2, &[10]);
+        for file in &mut case.files {
+            file.removed = true;
+        }
+        let plan = case.plan();
+        assert!(plan.restarts.is_empty(), "{plan:?}");
+        assert_eq!(pids(&plan.reloads), [10]);
+        assert_eq!(
+            plan.notes,
+            ["tool (pid 11) runs it usr/bin/tool, which the version removes; it is left running"]
         );
     }
 

@@ -466,8 +466,10 @@ impl<'a> Processes<'a> {
             }
         } else {
             let files: HashSet<FileId> = reload.paths.iter().filter_map(new_file).collect();
+            // A reload for removed files only has nothing new to watch for.
             let verification = self
                 .open_log
+                .filter(|_| !files.is_empty())
                 .map(|log| log.expect_open(reload.key, files.clone()));
             match proc::signal_process(reload.key, libc::SIGHUP) {
                 Ok(true) => match verification {
@@ -509,6 +511,12 @@ impl<'a> Processes<'a> {
                             return self.start_restarts(pending);
                         }
                     },
+                    None if files.is_empty() => {
+                        outcome.detail = Some(
+                            "sent SIGHUP; not verified (the files it read were removed)"
+                                .to_string(),
+                        );
+                    }
                     None => {
                         outcome.detail =
                             Some("sent SIGHUP; not verified (no open log)".to_string());

@@ -779,3 +779,27 @@ fn redis_binary_push_is_stopped_replaced_started_and_answers() {
         cmdline_before
     );
 }
+
+#[test]
+fn removing_a_file_a_daemon_read_sends_it_sighup() {
+    let mut lab = Lab::new(|dev| write(&dev.join("etc/app/extra.conf"), "extra\n"));
+    lab.start_agent(&[]);
+    let conf = lab.machine.join("etc/app/extra.conf");
+    let before = lab.start_testd("reader", &["--config", conf.to_str().unwrap()]);
+
+    std::fs::remove_file(lab.dev.join("etc/app/extra.conf")).unwrap();
+    let version = lab.push();
+    let outcome = lab.wait_outcome(version);
+    assert_eq!(
+        Lab::outcome_processes(&outcome),
+        [("reloaded".to_string(), before.pid as i64, None)],
+        "{outcome:#}"
+    );
+    let detail = outcome["processes"][0]["detail"].as_str().unwrap();
+    assert!(
+        detail.contains("not verified (the files it read were removed)"),
+        "{detail}"
+    );
+    assert!(vdsync_test_support::process_is_running(before.pid));
+    assert!(!conf.exists());
+}
