@@ -164,6 +164,14 @@ struct StatusArgs {
 }
 
 #[derive(Args)]
+#[command(after_help = "\
+Processes: before placing a version the agent stops (SIGTERM, parents first; SIGKILL after \
+--stop-timeout) every process that runs, maps or holds open a file being replaced, and starts \
+it again afterwards exactly as it was (argv, environment, cwd, ids, groups, root, umask, \
+limits, stdio), detached. A process that only opened a file before (seen by the agent's open \
+log since it started) gets SIGHUP and must re-open it within --reload-window, else it is \
+restarted. Interactive processes, init and the agent itself are never touched. \
+`--once --plan` shows the decisions without acting; --rules overrides them per glob.")]
 struct AgentArgs {
     /// The tree this machine runs from (`/` in production)
     #[arg(long, value_name = "DIR")]
