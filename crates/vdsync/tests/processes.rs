@@ -803,3 +803,62 @@ fn removing_a_file_a_daemon_read_sends_it_sighup() {
     assert!(vdsync_test_support::process_is_running(before.pid));
     assert!(!conf.exists());
 }
+
+/// A process that ignores SIGTERM is killed after `--stop-timeout` and started
+/// again with its own command line.
+#[test]
+fn a_process_ignoring_sigterm_is_killed_after_the_timeout() {
+    let mut lab = Lab::new(|dev| write(&dev.join("srv/data/held.db"), "one\n"));
+    lab.start_agent(&["--stop-timeout", "1"]);
+    let held = lab.machine.join("srv/data/held.db");
+    let marker = lab.dir.join("stubborn.pid");
+    let script = format!(
+        "import os, signal, time\n\
+         signal.signal(signal.SIGTERM, signal.SIG_IGN)\n\
+         held = open({held:?})\n\
+         with open({marker:?} + '.tmp', 'w') as f: f.write(str(os.getpid()))\n\
+         os.rename({marker:?} + '.tmp', {marker:?})\n\
+         while True: time.sleep(60)\n",
+        held = held.to_str().unwrap(),
+        marker = marker.to_str().unwrap(),
+    );
+    let mut command = Command::new("/usr/bin/python3");
+    command
+        .args(["-c", &script])
+        .current_dir(lab.machine.join("srv/work"))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .process_group(0);
+    spawn_reaped(&mut command);
+    let read_pid = || -> Option<u32> { std::fs::read_to_string(&marker).ok()?.parse().ok() };
+    wait_until(WAIT, "the stubborn process to start", || {
+        read_pid().is_some()
+    });
+    let before = read_pid().unwrap();
+
+    write(&lab.dev.join("srv/data/held.db"), "two\n");
+    let version = lab.push();
+    let outcome = lab.wait_outcome(version);
+    let processes = Lab::outcome_processes(&outcome);
+    assert_eq!(processes.len(), 1, "{outcome:#}");
+    assert_eq!(processes[0].0, "restarted");
+    assert_eq!(processes[0].1, before as i64);
+    assert!(
+        !vdsync_test_support::process_is_running(before),
+        "SIGKILLed"
+    );
+    wait_until(WAIT, "the restarted process to write its pid", || {
+        read_pid().is_some_and(|pid| pid != before)
+    });
+    let after = read_pid().unwrap();
+    assert_eq!(processes[0].2, Some(after as i64));
+    assert_eq!(
+        vdsync_test_support::process_cmdline(after).unwrap(),
+        vec![
+            std::ffi::OsString::from("/usr/bin/python3"),
+            "-c".into(),
+            script.into()
+        ]
+    );
+}
