@@ -5,7 +5,8 @@
 //! 1. **Stage.** Every new file, symlink, hard link and special file is built
 //!    complete (content, owner, mode, xattrs, mtime) in a staging directory on the
 //!    same file system as the tree; blobs are hash-checked as they stream in. Then
-//!    one `syncfs`. The tree is untouched; a crash here leaves version N and the
+//!    one `syncfs` (for a small version: an fsync of each staged file and of the
+//!    staging directory). The tree is untouched; a crash here leaves version N and the
 //!    staging directory is discarded on the next start.
 //! 2. **Journal.** The changeset is written to `journal.json` and fsync'd. This is
 //!    the commit point: from here on the version *will* be applied.
@@ -14,7 +15,8 @@
 //!    directory mtimes are set last. Each step is idempotent (a staged name that is
 //!    gone was already placed; a removed path that is gone was already removed;
 //!    `Changeset::validate` guarantees no removed path overlaps an entry), so after
-//!    a crash the next start simply runs this phase again. Then `syncfs`, the
+//!    a crash the next start simply runs this phase again. Then `syncfs` (small
+//!    version: fsync of every directory it touched), the
 //!    applied version is recorded atomically, and the journal is deleted.
 //!
 //! Every write into the tree resolves its parent directory with openat2
@@ -51,6 +53,16 @@ pub trait BlobSource {
         hashes: &[Hash],
         sink: &mut dyn FnMut(Hash, &mut dyn Read) -> io::Result<()>,
     ) -> Result<u64, ApplyError>;
+}
+
+/// Up to this many entries and removals, a version is made durable by fsyncing
+/// each file and directory it touched instead of `syncfs`: syncfs also writes out
+/// every other dirty page on the file system (a build, a database), which can take
+/// far longer than the version itself, and a one-file change is the common case.
+const FSYNC_EACH_UP_TO: usize = 64;
+
+fn small(changeset: &Changeset) -> bool {
+    changeset.entries.len() + changeset.removed.len() <= FSYNC_EACH_UP_TO
 }
 
 /// Fetch batches close at this many content bytes or blobs.
@@ -346,6 +358,7 @@ impl Applier {
     ) -> Result<(u64, Vec<String>), ApplyError> {
         let stage_dir = File::open(stage).map_err(io_at(stage, "open"))?;
         let stage_fd = stage_dir.as_fd();
+        let fsync_each = small(changeset);
         let mut warnings = Vec::new();
         let index_of: HashMap<&RepoPath, usize> = changeset
             .entries
@@ -381,6 +394,9 @@ impl Applier {
                 let mut file = vdsync_sys::create_file_at(stage_fd, &name)?;
                 write_content(&mut file, &first_entry.kind, content)?;
                 finish_file(&file, &first_entry.meta)?;
+                if fsync_each {
+                    file.sync_all()?;
+                }
                 for &other in &users[1..] {
                     let mut source =
                         File::open(stage.join(String::from_utf8_lossy(&name).as_ref()))?;
@@ -388,6 +404,9 @@ impl Applier {
                     let mut runs = SegmentReader::from_entry(&mut source, &first_entry.kind);
                     write_content(&mut copy, &changeset.entries[other].entry.kind, &mut runs)?;
                     finish_file(&copy, &changeset.entries[other].entry.meta)?;
+                    if fsync_each {
+                        copy.sync_all()?;
+                    }
                 }
                 Ok(())
             })?;
@@ -458,7 +477,13 @@ impl Applier {
             vdsync_sys::set_mtime_at(stage_fd, &name, meta.mtime.sec, meta.mtime.nsec)
                 .map_err(tree_io(&item.path, "set mtime"))?;
         }
-        vdsync_sys::syncfs(stage_fd).map_err(io_at(stage, "syncfs"))?;
+        if fsync_each {
+            // Each file was synced as it was finished; the directory holds the
+            // names, links and special files.
+            vdsync_sys::fsync(stage_fd).map_err(io_at(stage, "fsync"))?;
+        } else {
+            vdsync_sys::syncfs(stage_fd).map_err(io_at(stage, "syncfs"))?;
+        }
         Ok((bytes_fetched, warnings))
     }
 
@@ -577,11 +602,60 @@ impl Applier {
         let applied_path = self.applied_path();
         let mut temporary = applied_path.clone().into_os_string();
         temporary.push(".tmp");
-        std::fs::write(&temporary, format!("{}\n", journal.version))
-            .map_err(io_at(&applied_path, "write"))?;
+        {
+            let mut file = File::create(&temporary).map_err(io_at(&applied_path, "write"))?;
+            file.write_all(format!("{}\n", journal.version).as_bytes())
+                .map_err(io_at(&applied_path, "write"))?;
+            if small(changeset) {
+                // No syncfs below to carry the content.
+                file.sync_data().map_err(io_at(&applied_path, "fsync"))?;
+            }
+        }
         std::fs::rename(&temporary, &applied_path).map_err(io_at(&applied_path, "write"))?;
-        vdsync_sys::syncfs(self.root.fd()).map_err(io_at(self.root.path(), "syncfs"))?;
-        if self.work_dir != self.state_dir {
+        if small(changeset) {
+            // Every directory whose entries or metadata this version changed: the
+            // parents of removed and placed paths, placed directories, the trash
+            // and the state directory (`applied`).
+            let mut directories: std::collections::BTreeSet<Vec<u8>> = changeset
+                .removed
+                .iter()
+                .chain(changeset.entries.iter().map(|item| &item.path))
+                .map(parent_bytes)
+                .collect();
+            directories.extend(
+                changeset
+                    .entries
+                    .iter()
+                    .filter(|item| item.entry.kind == EntryKind::Dir)
+                    .map(|item| item.path.as_bytes().to_vec()),
+            );
+            for directory in &directories {
+                let path = self
+                    .root
+                    .path()
+                    .join(String::from_utf8_lossy(directory).as_ref());
+                let fd = match self.root.open_dir(directory) {
+                    Ok(fd) => fd,
+                    // Gone with a removal of its own: nothing there to make durable.
+                    Err(err)
+                        if matches!(
+                            vdsync_sys::errno(&err),
+                            Some(Errno::NOENT | Errno::NOTDIR)
+                        ) =>
+                    {
+                        continue
+                    }
+                    Err(err) => return Err(io_at(path, "open")(err)),
+                };
+                vdsync_sys::fsync(fd.as_fd()).map_err(io_at(path, "fsync"))?;
+            }
+            for directory in [&trash, &self.state_dir] {
+                vdsync_sys::fsync_dir(directory).map_err(io_at(directory, "fsync"))?;
+            }
+        } else {
+            vdsync_sys::syncfs(self.root.fd()).map_err(io_at(self.root.path(), "syncfs"))?;
+        }
+        if self.work_dir != self.state_dir && !small(changeset) {
             // The state directory is on another file system than the tree.
             let state = File::open(&self.state_dir).map_err(io_at(&self.state_dir, "open"))?;
             vdsync_sys::syncfs(state.as_fd()).map_err(io_at(&self.state_dir, "syncfs"))?;
