@@ -12,8 +12,8 @@ use std::time::Duration;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use vdsync_proto::wire::{
-    AgentInfo, CommitRequest, ErrorBody, HashList, Head, Hello, Outcome, PackHeader, PackStored,
-    VersionInfo, MAX_HASHES_PER_REQUEST, PACK_HEADER_LEN,
+    commit_prefix, AgentInfo, CommitRequest, ErrorBody, HashList, Head, Hello, Outcome, PackHeader,
+    PackStored, VersionInfo, MAX_HASHES_PER_REQUEST, PACK_HEADER_LEN,
 };
 use vdsync_proto::{Changeset, Hash, Manifest};
 use vdsync_store::StoreError;
@@ -188,24 +188,52 @@ impl Client {
         items: Vec<UploadItem>,
         on_bytes: Box<dyn FnMut(u64) + Send>,
     ) -> Result<u64, ClientError> {
+        let (sent, _): (u64, PackStored) =
+            self.post_pack("/v1/blobs/pack", Vec::new(), items, on_bytes)?;
+        Ok(sent)
+    }
+
+    /// Uploads `items` as one pack and commits `request` in the same round trip; the
+    /// repository syncs the blobs before it commits. Returns the new version and
+    /// the number of pack bytes sent.
+    pub fn upload_and_commit(
+        &self,
+        items: Vec<UploadItem>,
+        on_bytes: Box<dyn FnMut(u64) + Send>,
+        request: &CommitRequest,
+    ) -> Result<(VersionInfo, u64), ClientError> {
+        let (sent, info) =
+            self.post_pack("/v1/versions/pack", commit_prefix(request), items, on_bytes)?;
+        Ok((info, sent))
+    }
+
+    /// POSTs `prefix` then the pack of `items` to `path`; returns the pack bytes sent
+    /// and the decoded answer.
+    fn post_pack<T: DeserializeOwned>(
+        &self,
+        path: &str,
+        prefix: Vec<u8>,
+        items: Vec<UploadItem>,
+        on_bytes: Box<dyn FnMut(u64) + Send>,
+    ) -> Result<(u64, T), ClientError> {
         let counter = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
         let reader = PackReader {
             items: items.into_iter(),
             current: None,
-            header: Vec::new(),
+            header: prefix,
             sent: counter.clone(),
             on_bytes,
         };
         let request = self
             .http
-            .post(format!("{}/v1/blobs/pack", self.base))
+            .post(format!("{}{path}", self.base))
             .header("content-type", "application/octet-stream")
             .body(reqwest::blocking::Body::new(reader));
-        let _: PackStored = self
-            .send(request, "/v1/blobs/pack")?
+        let answer = self
+            .send(request, path)?
             .json()
             .map_err(ClientError::Decode)?;
-        Ok(counter.load(std::sync::atomic::Ordering::Relaxed))
+        Ok((counter.load(std::sync::atomic::Ordering::Relaxed), answer))
     }
 
     /// Downloads `hashes` as one pack, handing each blob's content to `sink` and
@@ -325,8 +353,19 @@ impl PackReader {
 }
 
 impl Read for PackReader {
+    /// Fills `buf` as far as the pack allows rather than returning one header or one
+    /// encoder output at a time: the HTTP client sends every read as a chunk of its
+    /// own, so a pack of a few small blobs then leaves in one write instead of one
+    /// per record part, and the repository wakes once to read it.
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        let n = self.read_inner(buf)?;
+        let mut n = 0;
+        while n < buf.len() {
+            let read = self.read_inner(&mut buf[n..])?;
+            if read == 0 {
+                break;
+            }
+            n += read;
+        }
         self.sent
             .fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
         (self.on_bytes)(n as u64);

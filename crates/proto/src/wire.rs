@@ -66,6 +66,22 @@ pub struct CommitRequest {
     pub changeset: Hash,
 }
 
+/// The length of the prefix that carries a [`CommitRequest`] in front of a pack.
+pub const COMMIT_PREFIX_LEN_BYTES: usize = 4;
+
+/// The start of a `POST /v1/versions/pack` body: the commit request as JSON,
+/// preceded by its length (u32, little-endian). A pack follows, holding the blobs
+/// the repository lacks (the changeset among them); the repository stores and syncs
+/// them, then commits, so that a small push costs one round trip.
+pub fn commit_prefix(request: &CommitRequest) -> Vec<u8> {
+    // Serializing a struct of numbers, a string and a hash cannot fail.
+    let json = serde_json::to_vec(request).unwrap_or_default();
+    let mut prefix = Vec::with_capacity(COMMIT_PREFIX_LEN_BYTES + json.len());
+    prefix.extend_from_slice(&(json.len() as u32).to_le_bytes());
+    prefix.extend_from_slice(&json);
+    prefix
+}
+
 /// One version as the repository lists it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VersionInfo {

@@ -23,7 +23,7 @@ use vdsync_proto::wire::{
 };
 use vdsync_proto::Hash;
 
-use crate::streaming::{ingest_body, stream_pack};
+use crate::streaming::{ingest_and_commit, ingest_body, stream_pack};
 use crate::{RepoError, Repository};
 
 /// The limit on JSON request bodies. A commit request or a hash list is far smaller;
@@ -60,6 +60,7 @@ pub fn router(repo: Arc<Repository>) -> Router {
     Router::new()
         .route("/v1/head", get(get_head))
         .route("/v1/versions", get(list_versions).post(commit_version))
+        .route("/v1/versions/pack", post(commit_with_pack))
         .route("/v1/versions/{version}", get(get_version))
         .route("/v1/versions/{version}/manifest", get(get_manifest))
         .route("/v1/versions/{version}/changeset", get(get_changeset))
@@ -135,6 +136,14 @@ async fn commit_version(
     JsonBody(request): JsonBody<CommitRequest>,
 ) -> Result<Response, RepoError> {
     let info = run_blocking(&repo, move |repo| repo.commit(&request)).await?;
+    Ok((StatusCode::CREATED, Json(info)).into_response())
+}
+
+async fn commit_with_pack(
+    State(repo): SharedRepository,
+    body: Body,
+) -> Result<Response, RepoError> {
+    let info = ingest_and_commit(repo, body).await?;
     Ok((StatusCode::CREATED, Json(info)).into_response())
 }
 

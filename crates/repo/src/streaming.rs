@@ -7,7 +7,7 @@
 //! `ChannelWriter` → bounded channel → body stream. Neither side ever holds more than
 //! a few chunks, whatever the size of the blobs.
 
-use std::io::{self, BufReader, Write};
+use std::io::{self, BufReader, Read, Write};
 use std::sync::Arc;
 
 use axum::body::Body;
@@ -16,10 +16,11 @@ use futures_util::TryStreamExt;
 use tokio::sync::mpsc;
 use tokio_util::io::{StreamReader, SyncIoBridge};
 use tracing::warn;
+use vdsync_proto::wire::{CommitRequest, VersionInfo, COMMIT_PREFIX_LEN_BYTES};
 use vdsync_proto::Hash;
 use vdsync_store::{ingest_pack, write_pack};
 
-use crate::http::run_blocking;
+use crate::http::{run_blocking, JSON_BODY_LIMIT};
 use crate::{RepoError, Repository};
 
 /// Size of the read buffer in front of `ingest_pack` and of the chunks a download
@@ -31,20 +32,65 @@ const CHUNK_LEN: usize = 256 * 1024;
 const CHUNKS_IN_FLIGHT: usize = 4;
 
 /// Stores every blob of a pack upload, then makes them durable. Returns how many
-/// were stored. Nothing is acknowledged before `sync`, so a blob the client was told
-/// is stored survives a crash.
+/// were received. Nothing is acknowledged before `sync_blobs`, so a blob the client
+/// was told is stored survives a crash.
 pub(crate) async fn ingest_body(repo: Arc<Repository>, body: Body) -> Result<u64, RepoError> {
     let byte_stream = body.into_data_stream().map_err(io::Error::other);
     // The bridge must be created on the runtime: it keeps a handle to block on.
     let blocking_reader = SyncIoBridge::new(StreamReader::new(byte_stream));
     run_blocking(&repo, move |repo| {
         let mut reader = BufReader::with_capacity(CHUNK_LEN, blocking_reader);
-        let stored = ingest_pack(repo.blobs(), &mut reader, repo.max_blob_len())
+        let received = ingest_pack(repo.blobs(), &mut reader, repo.max_blob_len())
             .map_err(RepoError::PackRefused)?;
-        repo.blobs().sync().map_err(RepoError::Store)?;
-        Ok(stored)
+        repo.blobs()
+            .sync_blobs(&received)
+            .map_err(RepoError::Store)?;
+        Ok(received.len() as u64)
     })
     .await
+}
+
+/// `POST /v1/versions/pack`: a commit request, then a pack (see
+/// [`vdsync_proto::wire::commit_prefix`]). The blobs are stored and synced, then the
+/// version is committed, then acknowledged: the order of an upload followed by a
+/// commit, in one round trip and one blocking task.
+pub(crate) async fn ingest_and_commit(
+    repo: Arc<Repository>,
+    body: Body,
+) -> Result<VersionInfo, RepoError> {
+    let byte_stream = body.into_data_stream().map_err(io::Error::other);
+    let blocking_reader = SyncIoBridge::new(StreamReader::new(byte_stream));
+    run_blocking(&repo, move |repo| {
+        let mut reader = BufReader::with_capacity(CHUNK_LEN, blocking_reader);
+        let request = read_commit_prefix(&mut reader)?;
+        let received = ingest_pack(repo.blobs(), &mut reader, repo.max_blob_len())
+            .map_err(RepoError::PackRefused)?;
+        repo.blobs()
+            .sync_blobs(&received)
+            .map_err(RepoError::Store)?;
+        repo.commit(&request)
+    })
+    .await
+}
+
+/// Reads the length-prefixed commit request at the start of a commit-with-pack body.
+fn read_commit_prefix(reader: &mut dyn Read) -> Result<CommitRequest, RepoError> {
+    let truncated = |error: io::Error| {
+        RepoError::InvalidRequest(format!("the commit request before the pack: {error}"))
+    };
+    let mut length = [0u8; COMMIT_PREFIX_LEN_BYTES];
+    reader.read_exact(&mut length).map_err(truncated)?;
+    let length = u32::from_le_bytes(length) as usize;
+    if length > JSON_BODY_LIMIT {
+        return Err(RepoError::BodyTooLarge {
+            limit: JSON_BODY_LIMIT,
+        });
+    }
+    let mut json = vec![0u8; length];
+    reader.read_exact(&mut json).map_err(truncated)?;
+    serde_json::from_slice(&json).map_err(|error| {
+        RepoError::InvalidRequest(format!("the commit request before the pack: {error}"))
+    })
 }
 
 /// A response body that streams the pack of `hashes`, written on a blocking thread.

@@ -13,8 +13,8 @@ use reqwest::StatusCode;
 use tempfile::TempDir;
 use vdsync_proto::fixtures::{dir_entry, file_entry, path};
 use vdsync_proto::wire::{
-    AgentInfo, CommitRequest, ErrorBody, HashList, Head, Hello, Outcome, OutcomeStatus, PackHeader,
-    PackStored, VersionInfo, MAX_HASHES_PER_REQUEST,
+    commit_prefix, AgentInfo, CommitRequest, ErrorBody, HashList, Head, Hello, Outcome,
+    OutcomeStatus, PackHeader, PackStored, VersionInfo, MAX_HASHES_PER_REQUEST,
 };
 use vdsync_proto::{Changeset, Hash, Manifest};
 use vdsync_repo::{serve, Repository};
@@ -238,6 +238,69 @@ fn stale_parent_is_refused_with_409_and_the_head_is_unchanged() {
     // Rebased on the head, the same kind of change goes in.
     let response = server.commit(&edit_changeset(1, b"v2"), "rebased");
     assert_eq!(response.status(), StatusCode::CREATED);
+    assert_eq!(server.head(), Some(2));
+}
+
+#[test]
+fn a_pack_carrying_its_commit_stores_the_blobs_and_commits_in_one_request() {
+    let server = TestServer::start();
+    commit_two_versions(&server);
+    let commit_with_pack = |changeset: &Changeset, contents: &[&[u8]], message: &str| {
+        let json = serde_json::to_vec(changeset).unwrap();
+        let request = CommitRequest {
+            parent: changeset.parent,
+            message: message.to_owned(),
+            changeset: Hash::of(&json),
+        };
+        let mut body = commit_prefix(&request);
+        for content in contents {
+            body.extend(pack_record(content));
+        }
+        body.extend(pack_record(&json));
+        server
+            .client
+            .post(server.url("/v1/versions/pack"))
+            .body(body)
+            .send()
+            .unwrap()
+    };
+
+    let response = commit_with_pack(&edit_changeset(1, b"v2"), &[b"v2"], "one request");
+    assert_eq!(response.status(), StatusCode::CREATED);
+    let info: VersionInfo = response.json().unwrap();
+    assert_eq!((info.version, info.parent), (2, Some(1)));
+    assert_eq!(info.message, "one request");
+    assert_eq!(server.head(), Some(2));
+
+    // A stale parent is refused as by `POST /v1/versions`; the blobs stay stored.
+    let response = commit_with_pack(&edit_changeset(1, b"late"), &[b"late"], "late");
+    assert_eq!(response.status(), StatusCode::CONFLICT);
+    assert!(error_message(response).starts_with("stale parent"));
+    assert_eq!(server.head(), Some(2));
+    let missing: HashList = server
+        .post_json(
+            "/v1/blobs/missing",
+            &HashList {
+                hashes: vec![Hash::of(b"late")],
+            },
+        )
+        .json()
+        .unwrap();
+    assert!(missing.hashes.is_empty());
+
+    // A commit whose blob is neither stored nor in the pack is refused.
+    let response = commit_with_pack(&edit_changeset(2, b"absent"), &[], "absent");
+    assert_eq!(response.status(), StatusCode::BAD_REQUEST);
+    assert!(error_message(response).contains("not stored"));
+
+    // A body cut inside the commit request is refused, not committed.
+    let response = server
+        .client
+        .post(server.url("/v1/versions/pack"))
+        .body(vec![200, 0, 0, 0, b'{'])
+        .send()
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::BAD_REQUEST);
     assert_eq!(server.head(), Some(2));
 }
 

@@ -5,6 +5,7 @@
 //! part of a pack record after the hash, so serving a blob copies bytes and storing
 //! one needs only a hash check, never a re-compression.
 
+use std::collections::BTreeSet;
 use std::fs::File;
 use std::io::{self, BufRead, Read, Write};
 use std::os::fd::AsFd;
@@ -26,6 +27,12 @@ pub trait BlobStore: Send + Sync {
     fn create(&self) -> Result<Box<dyn BlobWriter>, StoreError>;
     /// Makes every finished blob durable.
     fn sync(&self) -> Result<(), StoreError>;
+    /// Makes the finished blobs `hashes` durable. A store where one flush of
+    /// everything costs more than flushing a few blobs does the latter.
+    fn sync_blobs(&self, hashes: &[Hash]) -> Result<(), StoreError> {
+        let _ = hashes;
+        self.sync()
+    }
 }
 
 pub trait BlobWriter: Write + Send {
@@ -106,6 +113,61 @@ impl BlobStore for LocalBlobStore {
             source,
         })
     }
+
+    /// `syncfs` writes back everything dirty on the file system and flushes the disk
+    /// once; a sync per blob flushes once per file and once per directory. With
+    /// little dirty, one flush wins, even for two blobs. With much dirty (a build, a
+    /// burst of logs) `syncfs` waits for all of it, milliseconds that have nothing to
+    /// do with these blobs: then a few blobs are synced one by one.
+    fn sync_blobs(&self, hashes: &[Hash]) -> Result<(), StoreError> {
+        let mut directories = BTreeSet::new();
+        for hash in hashes {
+            if let Some(directory) = self.path_of(hash).parent() {
+                directories.insert(directory.to_path_buf());
+            }
+        }
+        let flushes = (hashes.len() + directories.len()) as u64;
+        let one_by_one = hashes.len() <= SYNC_EACH_BLOB_LIMIT
+            && dirty_bytes().is_none_or(|dirty| dirty > flushes * WRITEBACK_BYTES_PER_FLUSH);
+        if !one_by_one {
+            return self.sync();
+        }
+        let io_error = |path: &Path| {
+            let path = path.to_path_buf();
+            move |source| StoreError::Io { path, source }
+        };
+        for hash in hashes {
+            let path = self.path_of(hash);
+            File::open(&path)
+                .and_then(|file| file.sync_data())
+                .map_err(io_error(&path))?;
+        }
+        // The shard directories are not among them: `finish` syncs a new one.
+        for directory in &directories {
+            vdsync_sys::fsync_dir(directory).map_err(io_error(directory))?;
+        }
+        Ok(())
+    }
+}
+
+/// Up to this many blobs, [`LocalBlobStore::sync_blobs`] may sync each file rather
+/// than the whole file system.
+const SYNC_EACH_BLOB_LIMIT: usize = 8;
+
+/// What one disk flush costs, as bytes `syncfs` would write back in the same time
+/// (measured on a virtio disk: a flush about 0.15 ms, writing back small files
+/// about 1 ms per MiB). Only a cost estimate: both ways are equally durable.
+const WRITEBACK_BYTES_PER_FLUSH: u64 = 128 << 10;
+
+/// Bytes waiting to be written back, machine-wide (`Dirty` and `Writeback` in
+/// /proc/meminfo): an upper bound on what a `syncfs` of one file system writes.
+fn dirty_bytes() -> Option<u64> {
+    let meminfo = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let kibibytes = |field: &str| -> Option<u64> {
+        let line = meminfo.lines().find(|line| line.starts_with(field))?;
+        line[field.len()..].split_whitespace().next()?.parse().ok()
+    };
+    Some((kibibytes("Dirty:")? + kibibytes("Writeback:")?) * 1024)
 }
 
 struct LocalBlobWriter {
@@ -133,7 +195,13 @@ impl BlobWriter for LocalBlobWriter {
         self.file.flush().map_err(io_error(&self.temp))?;
         let hex = hash.to_hex();
         let dir = self.blobs.join(&hex[..2]);
-        std::fs::create_dir_all(&dir).map_err(io_error(&dir))?;
+        match std::fs::create_dir(&dir) {
+            // A new shard directory: its name must be durable before any blob in it
+            // can be, and `sync_blobs` syncs only the shard directories.
+            Ok(()) => vdsync_sys::fsync_dir(&self.blobs).map_err(io_error(&self.blobs))?,
+            Err(err) if err.kind() == io::ErrorKind::AlreadyExists => {}
+            Err(err) => return Err(io_error(&dir)(err)),
+        }
         let target = dir.join(&hex);
         std::fs::rename(&self.temp, &target).map_err(io_error(&target))?;
         self.finished = true;
@@ -341,14 +409,16 @@ impl BufRead for TeeBufRead<'_> {
 }
 
 /// Reads pack records from `input` until it ends, storing each blob after checking
-/// its hash. Returns the number stored. The caller makes them durable with
-/// [`BlobStore::sync`] before acknowledging.
+/// its hash. Returns the hash of every record, in order. A blob the store already
+/// holds is checked and not written again. The caller makes them durable with
+/// [`BlobStore::sync_blobs`] before acknowledging: all of them, since one already
+/// present may have been stored by another pack whose sync has not finished.
 pub fn ingest_pack(
     store: &dyn BlobStore,
     input: &mut dyn BufRead,
     max_blob_len: u64,
-) -> Result<u64, StoreError> {
-    let mut stored = 0u64;
+) -> Result<Vec<Hash>, StoreError> {
+    let mut received = Vec::new();
     while let Some(header) = read_pack_header(input)? {
         if header.len > max_blob_len {
             return Err(StoreError::TooLarge {
@@ -356,6 +426,11 @@ pub fn ingest_pack(
                 len: header.len,
                 limit: max_blob_len,
             });
+        }
+        if store.contains(&header.hash)? {
+            decode_frame(input, header.hash, header.len, &mut io::sink())?;
+            received.push(header.hash);
+            continue;
         }
         let mut writer = store.create()?;
         writer
@@ -373,9 +448,9 @@ pub fn ingest_pack(
             }
         }
         writer.finish(&header.hash)?;
-        stored += 1;
+        received.push(header.hash);
     }
-    Ok(stored)
+    Ok(received)
 }
 
 /// Writes the pack records for `hashes` (the stored form, copied) to `output`.
@@ -426,8 +501,14 @@ mod tests {
         pack.extend(record(b""));
         pack.extend(record(&big));
         let stored = ingest_pack(&store, &mut &pack[..], 1 << 30).unwrap();
-        assert_eq!(stored, 3);
-        store.sync().unwrap();
+        assert_eq!(stored, [Hash::of(b"first"), Hash::of(b""), Hash::of(&big)]);
+        store.sync_blobs(&stored).unwrap();
+        // A blob already stored is checked again and not rewritten.
+        let again = ingest_pack(&store, &mut &record(b"first")[..], 1 << 30).unwrap();
+        assert_eq!(again, [Hash::of(b"first")]);
+        let mut corrupt_again = record(b"first");
+        corrupt_again[..32].copy_from_slice(&Hash::of(&big).0);
+        assert!(ingest_pack(&store, &mut &corrupt_again[..], 1 << 30).is_err());
         assert_eq!(read_blob(&store, &Hash::of(&big)).unwrap(), big);
 
         let mut served = Vec::new();

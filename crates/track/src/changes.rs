@@ -8,6 +8,8 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 
+use serde::{Deserialize, Serialize};
+
 use vdsync_proto::{diff, Changeset, Entry, EntryKind, Manifest, RepoPath};
 
 use crate::excludes::Excludes;
@@ -17,7 +19,7 @@ use crate::scan::{scan, scan_paths, Index, IndexEntry};
 use crate::TrackError;
 
 /// How the changes were found.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 #[serde(tag = "mode", rename_all = "snake_case")]
 pub enum Source {
     /// From the journal: only marked paths were read.
@@ -29,10 +31,143 @@ pub enum Source {
 /// The index after the changes, in the form that is cheapest to store.
 pub enum IndexUpdate {
     Replace(Index),
-    Patch {
-        removed: Vec<RepoPath>,
-        upserts: Vec<IndexEntry>,
-    },
+    Patch(IndexPatch),
+}
+
+/// Entries removed (with everything below them) and written, after a journal-driven
+/// collection.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IndexPatch {
+    pub removed: Vec<RepoPath>,
+    pub upserts: Vec<IndexEntry>,
+}
+
+/// What a journal-driven collection reads from the index: the entries at a few
+/// paths and below a few directories.
+pub trait IndexRead {
+    fn get(&self, path: &RepoPath) -> Result<Option<IndexEntry>, TrackError>;
+    /// `top` (if indexed) and everything below it, in path order.
+    fn subtree(&self, top: &RepoPath) -> Result<Vec<IndexEntry>, TrackError>;
+}
+
+impl IndexRead for IndexDb {
+    fn get(&self, path: &RepoPath) -> Result<Option<IndexEntry>, TrackError> {
+        IndexDb::get(self, path)
+    }
+
+    fn subtree(&self, top: &RepoPath) -> Result<Vec<IndexEntry>, TrackError> {
+        IndexDb::subtree(self, top)
+    }
+}
+
+/// The index lookups of a journal-driven collection of `snapshot`.
+pub struct JournalLookups {
+    /// Each marked name and the directory holding it (adding or removing a name
+    /// changes the directory's mtime without an event of its own), except those
+    /// below a subtree mark.
+    pub paths: Vec<RepoPath>,
+    /// The subtree marks.
+    pub subtrees: Vec<RepoPath>,
+}
+
+impl JournalLookups {
+    pub fn of(snapshot: &Snapshot) -> JournalLookups {
+        let subtrees: Vec<RepoPath> = snapshot
+            .marks
+            .iter()
+            .filter(|(_, mark)| *mark == Mark::Subtree)
+            .map(|(path, _)| path.clone())
+            .collect();
+        let covered = |path: &RepoPath| subtrees.iter().any(|top| path.starts_with(top));
+        let mut paths: BTreeSet<RepoPath> = BTreeSet::new();
+        for (path, mark) in &snapshot.marks {
+            if *mark == Mark::Path {
+                paths.insert(path.clone());
+            }
+            if let Some(directory) = path.parent() {
+                paths.insert(directory);
+            }
+        }
+        paths.retain(|path| !covered(path));
+        JournalLookups {
+            paths: paths.into_iter().collect(),
+            subtrees,
+        }
+    }
+
+    /// How many lookups: a measure of the work, not of the entries found.
+    pub fn len(&self) -> usize {
+        self.paths.len() + self.subtrees.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// The answers to a snapshot's [`JournalLookups`], read in advance: the tracker,
+/// which keeps the index open, sends them with its snapshot so that a push does not
+/// pay for opening (and closing) the database itself.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IndexView {
+    /// The version the index was last pushed as.
+    pub version: Option<u64>,
+    /// Every entry found, in path order.
+    pub entries: Vec<IndexEntry>,
+}
+
+impl IndexView {
+    /// Reads the answers to `lookups` from `index`; `None` once more than
+    /// `entry_limit` entries were found (a push that big opens the index itself).
+    pub fn read(
+        index: &IndexDb,
+        lookups: &JournalLookups,
+        entry_limit: usize,
+    ) -> Result<Option<IndexView>, TrackError> {
+        if lookups.paths.len() > entry_limit {
+            return Ok(None);
+        }
+        let mut entries = Vec::new();
+        for path in &lookups.paths {
+            entries.extend(index.get(path)?);
+        }
+        for top in &lookups.subtrees {
+            let room = entry_limit.saturating_sub(entries.len());
+            match index.subtree_up_to(top, room)? {
+                Some(subtree) => entries.extend(subtree),
+                None => return Ok(None),
+            }
+        }
+        entries.sort_by(|a, b| a.path.cmp(&b.path));
+        Ok(Some(IndexView {
+            version: index.version()?,
+            entries,
+        }))
+    }
+
+    fn position(&self, path: &RepoPath) -> Result<usize, usize> {
+        self.entries.binary_search_by(|entry| entry.path.cmp(path))
+    }
+}
+
+/// Answers only the lookups it was read for; anything else reads as not indexed.
+impl IndexRead for IndexView {
+    fn get(&self, path: &RepoPath) -> Result<Option<IndexEntry>, TrackError> {
+        Ok(self
+            .position(path)
+            .ok()
+            .map(|found| self.entries[found].clone()))
+    }
+
+    fn subtree(&self, top: &RepoPath) -> Result<Vec<IndexEntry>, TrackError> {
+        // Parents sort directly before their children, so a subtree is contiguous.
+        let start = self.position(top).unwrap_or_else(|insert_at| insert_at);
+        Ok(self.entries[start..]
+            .iter()
+            .take_while(|entry| entry.path.starts_with(top))
+            .cloned()
+            .collect())
+    }
 }
 
 pub struct Changes {
@@ -63,13 +198,11 @@ pub fn collect(
         (Some(snapshot), None) => snapshot.root.as_ref().map(|root| root.reason.clone()),
     };
     if let (Some(snapshot), None) = (&snapshot, &reason) {
-        if let Some(changes) = from_journal(root, excludes, index, snapshot, parent)? {
+        if let Some(changes) = collect_from_journal(root, excludes, index, snapshot, parent)? {
             return Ok(changes);
         }
     }
-    let reason = reason.unwrap_or_else(|| {
-        "a changed file has other hard links, which only a full scan can follow".to_owned()
-    });
+    let reason = reason.unwrap_or_else(|| HARD_LINKS_NEED_A_FULL_SCAN.to_owned());
     let previous = index.load()?;
     let current = scan(root, excludes, &previous)?;
     let changeset = diff(&previous.manifest(), &current.manifest(), parent);
@@ -83,34 +216,20 @@ pub fn collect(
     })
 }
 
-/// `None` when the journal is not enough (hard links seen).
-fn from_journal(
+const HARD_LINKS_NEED_A_FULL_SCAN: &str =
+    "a changed file has other hard links, which only a full scan can follow";
+
+/// The changes `snapshot` names, reading only its marked paths and their
+/// directories. `None` when the journal is not enough (hard links seen): the
+/// caller scans the whole tree. The snapshot must not ask for a rescan of the root.
+pub fn collect_from_journal(
     root: &Path,
     excludes: &Excludes,
-    index: &IndexDb,
+    index: &dyn IndexRead,
     snapshot: &Snapshot,
     parent: Option<u64>,
 ) -> Result<Option<Changes>, TrackError> {
-    let subtrees: Vec<RepoPath> = snapshot
-        .marks
-        .iter()
-        .filter(|(_, mark)| *mark == Mark::Subtree)
-        .map(|(path, _)| path.clone())
-        .collect();
-    let covered = |path: &RepoPath| subtrees.iter().any(|top| path.starts_with(top));
-    // Each marked name, and the directory holding it: adding or removing a name
-    // changes the directory's mtime without an event of its own.
-    let mut paths: BTreeSet<RepoPath> = BTreeSet::new();
-    for (path, mark) in &snapshot.marks {
-        if *mark == Mark::Path {
-            paths.insert(path.clone());
-        }
-        if let Some(directory) = path.parent() {
-            paths.insert(directory);
-        }
-    }
-    paths.retain(|path| !covered(path));
-
+    let JournalLookups { paths, subtrees } = JournalLookups::of(snapshot);
     let mut old: Vec<IndexEntry> = Vec::new();
     for path in &paths {
         old.extend(index.get(path)?);
@@ -118,7 +237,6 @@ fn from_journal(
     for top in &subtrees {
         old.extend(index.subtree(top)?);
     }
-    let paths: Vec<RepoPath> = paths.into_iter().collect();
     let scanned = scan_paths(root, excludes, &old, &paths, &subtrees)?;
     let old_has_links = old
         .iter()
@@ -153,10 +271,10 @@ fn from_journal(
         changeset,
         source: Source::Journal { paths: marked },
         journal_sequence: Some(snapshot.sequence),
-        index_update: IndexUpdate::Patch {
+        index_update: IndexUpdate::Patch(IndexPatch {
             removed,
             upserts: scanned.entries,
-        },
+        }),
     }))
 }
 
@@ -184,7 +302,7 @@ impl IndexUpdate {
                 whole.version = version;
                 index.store(&whole)
             }
-            IndexUpdate::Patch { removed, upserts } => index.update(version, &removed, &upserts),
+            IndexUpdate::Patch(patch) => index.update(version, &patch.removed, &patch.upserts),
         }
     }
 }

@@ -103,6 +103,16 @@ impl IndexDb {
 
     /// `top` (if indexed) and everything below it, in path order.
     pub fn subtree(&self, top: &RepoPath) -> Result<Vec<IndexEntry>, TrackError> {
+        self.subtree_up_to(top, usize::MAX)
+            .map(|entries| entries.unwrap_or_default())
+    }
+
+    /// [`IndexDb::subtree`], or `None` as soon as it holds more than `limit` entries.
+    pub fn subtree_up_to(
+        &self,
+        top: &RepoPath,
+        limit: usize,
+    ) -> Result<Option<Vec<IndexEntry>>, TrackError> {
         let txn = self.db.begin_read().map_err(|e| self.error(e))?;
         let table = txn.open_table(ENTRIES).map_err(|e| self.error(e))?;
         let (start, end) = below(top);
@@ -117,10 +127,13 @@ impl IndexDb {
             .range(start.as_slice()..end.as_slice())
             .map_err(|e| self.error(e))?
         {
+            if entries.len() >= limit {
+                return Ok(None);
+            }
             let (_, value) = item.map_err(|e| self.error(e))?;
             entries.push(self.decode(value.value())?);
         }
-        Ok(entries)
+        Ok(Some(entries))
     }
 
     /// The whole index, for a full rescan.

@@ -17,7 +17,7 @@ pub mod tracker;
 use std::path::PathBuf;
 
 pub use excludes::{Excludes, DEFAULT_EXCLUDES};
-pub use push::{push, Progress, PushOptions, PushReport};
+pub use push::{push, push_started, Progress, PushOptions, PushReport, PushStart};
 pub use scan::{scan, Index};
 use vdsync_proto::RepoPath;
 

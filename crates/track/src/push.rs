@@ -1,10 +1,12 @@
 //! `vdsync push`: turn the development tree's changes into version N+1.
 //!
 //! The pusher compares the tree with the index of the last push (kept in
-//! `--state`), asks the repository which blobs it lacks, uploads only those in
-//! packs, uploads the changeset itself as a blob, and commits it against the version
-//! the index was pushed as. The index advances only after the repository
-//! acknowledged the commit, so a failed or refused push can simply be run again.
+//! `--state`), asks the repository which blobs it lacks (unless there are only a few
+//! small ones: sending them costs less than asking), uploads only those in packs,
+//! and commits the changeset against the version the index was pushed as; the
+//! changeset itself is a blob in the last pack, and that pack's request also carries
+//! the commit. The index advances only after the repository acknowledged the
+//! commit, so a failed or refused push can simply be run again.
 
 use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
@@ -13,21 +15,26 @@ use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 
 use vdsync_client::{Client, UploadItem};
-use vdsync_proto::wire::CommitRequest;
+use vdsync_proto::wire::{CommitRequest, VersionInfo};
 use vdsync_proto::{Changeset, Entry, EntryKind, Hash, RepoPath};
 use vdsync_store::SegmentReader;
 
-use crate::changes::{collect, Source};
+use crate::changes::{collect, collect_from_journal, Changes, IndexUpdate, Source};
 use crate::excludes::Excludes;
 use crate::index_db::IndexDb;
 use crate::scan::{hash_file, Index};
-use crate::tracker::{request_clear, request_snapshot};
+use crate::tracker::{request_pushed, request_release_index, ClearRequest, SnapshotRequest};
 use crate::TrackError;
 
 /// Upload packs close at this many content bytes or this many blobs, so a failed
 /// pack costs little to resend and the repository syncs its disk per pack.
 const PACK_BYTES: u64 = 64 << 20;
 const PACK_BLOBS: usize = 4096;
+
+/// Up to this many content bytes, a push sends every blob of its changeset without
+/// asking the repository which ones it lacks: a round trip costs more than sending
+/// a few small files again.
+const SEND_WITHOUT_ASKING_BYTES: u64 = 64 << 10;
 
 /// How often a push whose files changed under it is started over.
 const PUSH_ATTEMPTS: usize = 3;
@@ -74,30 +81,141 @@ pub fn index_path(state_dir: &Path) -> PathBuf {
     state_dir.join("index.redb")
 }
 
-/// Opens the index in `state_dir`, importing the repository's head manifest the
-/// first time (every file is then hashed once, as after a `git clone`).
-fn open_index(client: &Client, state_dir: &Path) -> Result<(IndexDb, Option<u64>), TrackError> {
-    let head = client.head()?;
-    let index = IndexDb::open(&index_path(state_dir))?;
+/// What a push does before it needs the excludes or the repository, begun first
+/// thing so that it overlaps building those: ask the tracker for its fenced
+/// snapshot and the index entries a journal-driven push of it reads (the tracker
+/// keeps the index open), or, without a tracker or for `--rescan`, open the index
+/// here (redb reads its allocator state and syncs its header: about a millisecond).
+/// The fence is made when the tracker reads the request, after the push started, so
+/// every change saved before is in the snapshot.
+pub struct PushStart {
+    state_dir: PathBuf,
+    kind: StartKind,
+}
+
+enum StartKind {
+    /// A tracker runs; its answer is on its way.
+    Tracked(SnapshotRequest),
+    /// The index is being opened in this process.
+    Local(std::thread::JoinHandle<Result<IndexDb, TrackError>>),
+}
+
+impl PushStart {
+    /// `rescan`: the push scans the whole tree and needs no snapshot.
+    pub fn begin(state_dir: &Path, rescan: bool) -> Result<PushStart, TrackError> {
+        std::fs::create_dir_all(state_dir).map_err(|source| TrackError::Io {
+            path: state_dir.to_path_buf(),
+            source,
+        })?;
+        let kind = match rescan {
+            false => match SnapshotRequest::send(state_dir, true)? {
+                Some(request) => StartKind::Tracked(request),
+                None => StartKind::Local(open_in_background(state_dir)),
+            },
+            true => {
+                request_release_index(state_dir)?;
+                StartKind::Local(open_in_background(state_dir))
+            }
+        };
+        Ok(PushStart {
+            state_dir: state_dir.to_path_buf(),
+            kind,
+        })
+    }
+}
+
+fn open_in_background(state_dir: &Path) -> std::thread::JoinHandle<Result<IndexDb, TrackError>> {
+    let path = index_path(state_dir);
+    std::thread::spawn(move || IndexDb::open(&path))
+}
+
+/// Opens the index in this process, after asking a tracker that holds it to let go.
+fn open_here(state_dir: &Path) -> Result<IndexDb, TrackError> {
+    request_release_index(state_dir)?;
+    IndexDb::open(&index_path(state_dir))
+}
+
+/// [`open_here`] for a push already committed, whose index must be written: another
+/// process (a `status` reading the whole index) may hold the index for a moment.
+fn open_here_patiently(state_dir: &Path) -> Result<IndexDb, TrackError> {
+    let deadline = std::time::Instant::now() + INDEX_BUSY_PATIENCE;
+    loop {
+        match open_here(state_dir) {
+            Err(_) if std::time::Instant::now() < deadline => {
+                std::thread::sleep(std::time::Duration::from_millis(50));
+            }
+            result => return result,
+        }
+    }
+}
+
+/// How long a committed push waits for another process to let go of the index.
+const INDEX_BUSY_PATIENCE: std::time::Duration = std::time::Duration::from_secs(30);
+
+fn joined(
+    opening: std::thread::JoinHandle<Result<IndexDb, TrackError>>,
+) -> Result<IndexDb, TrackError> {
+    opening.join().unwrap_or_else(|panic| {
+        // Opening the index does not panic; if it did, say so as the panic would.
+        std::panic::resume_unwind(panic)
+    })
+}
+
+/// Where the index a push read from lives, which decides how it is written after
+/// the commit.
+enum IndexHandle {
+    /// Opened in this process.
+    Local(IndexDb),
+    /// Held by the tracker, which answered the lookups and writes the update.
+    Tracker,
+}
+
+/// Imports the repository's head manifest into an index that has none yet (every
+/// file is then hashed once, as after a `git clone`). Returns the version the index
+/// was pushed as.
+fn prepare_index(client: &Client, index: &IndexDb) -> Result<Option<u64>, TrackError> {
     if index.is_empty()? {
+        let head = client.head()?;
         let imported = match head {
             Some(head) => Index::from_manifest(Some(head), client.manifest(head)?),
             None => Index::default(),
         };
         index.store(&imported)?;
     }
-    let pushed = index.version()?;
-    if pushed != head {
+    index.version()
+}
+
+/// Fails unless the repository's head is still the version the index was pushed as.
+/// A push that sends something needs no such check up front: its commit names that
+/// version as the parent and the repository refuses it if the head moved on.
+fn check_head(client: &Client, pushed: Option<u64>) -> Result<(), TrackError> {
+    let head = client.head()?;
+    if head != pushed {
         return Err(TrackError::DivergedFromRepository { pushed, head });
     }
-    Ok((index, head))
+    Ok(())
 }
 
 pub fn push(client: &Client, options: &PushOptions<'_>) -> Result<PushReport, TrackError> {
+    let start = PushStart::begin(options.state_dir, options.rescan)?;
+    push_started(client, options, start)
+}
+
+/// [`push`], with the snapshot and the index already asked for.
+pub fn push_started(
+    client: &Client,
+    options: &PushOptions<'_>,
+    start: PushStart,
+) -> Result<PushReport, TrackError> {
+    let mut start = Some(start);
     let mut attempt = 0;
     loop {
         attempt += 1;
-        match push_once(client, options) {
+        let start = match start.take() {
+            Some(start) => start,
+            None => PushStart::begin(options.state_dir, options.rescan)?,
+        };
+        match push_once(client, options, start) {
             Err(TrackError::ChangedDuringPush(path)) if attempt < PUSH_ATTEMPTS => {
                 tracing::warn!(%path, "a file changed while it was uploaded; pushing again");
             }
@@ -106,17 +224,29 @@ pub fn push(client: &Client, options: &PushOptions<'_>) -> Result<PushReport, Tr
     }
 }
 
-fn push_once(client: &Client, options: &PushOptions<'_>) -> Result<PushReport, TrackError> {
-    std::fs::create_dir_all(options.state_dir).map_err(|source| TrackError::Io {
-        path: options.state_dir.to_path_buf(),
-        source,
-    })?;
-    let (index, head) = open_index(client, options.state_dir)?;
-    let snapshot = if options.rescan {
-        None
-    } else {
-        request_snapshot(options.state_dir)?
+fn push_once(
+    client: &Client,
+    options: &PushOptions<'_>,
+    start: PushStart,
+) -> Result<PushReport, TrackError> {
+    let (index, snapshot) = match start.kind {
+        StartKind::Tracked(request) => {
+            let (snapshot, view) = request.answer()?;
+            if let (Some(view), None) = (view, &snapshot.root) {
+                let parent = view.version;
+                if let Some(changes) =
+                    collect_from_journal(options.root, options.excludes, &view, &snapshot, parent)?
+                {
+                    return send(client, options, IndexHandle::Tracker, changes, parent);
+                }
+            }
+            // A full scan, the first push from this state, or a large one: this
+            // process reads the index itself.
+            (open_here(&start.state_dir)?, Some(snapshot))
+        }
+        StartKind::Local(opening) => (joined(opening)?, None),
     };
+    let head = prepare_index(client, &index)?;
     let changes = collect(
         options.root,
         options.excludes,
@@ -125,6 +255,17 @@ fn push_once(client: &Client, options: &PushOptions<'_>) -> Result<PushReport, T
         options.rescan.then(|| "--rescan was given".to_owned()),
         head,
     )?;
+    send(client, options, IndexHandle::Local(index), changes, head)
+}
+
+/// Sends `changes` as the version after `head` and records the result in the index.
+fn send(
+    client: &Client,
+    options: &PushOptions<'_>,
+    index: IndexHandle,
+    changes: Changes,
+    head: Option<u64>,
+) -> Result<PushReport, TrackError> {
     let changeset = changes.changeset;
     let dirs = changeset
         .entries
@@ -143,13 +284,21 @@ fn push_once(client: &Client, options: &PushOptions<'_>) -> Result<PushReport, T
         changeset,
         before: changes.before,
     };
+    if options.dry_run || report.changeset.is_empty() {
+        check_head(client, head)?;
+    }
     if options.dry_run {
         return Ok(report);
     }
     if report.changeset.is_empty() {
         // Still worth saving: fresh stat keys make the next scan cheaper.
-        changes.index_update.write(&index, head)?;
-        clear_journal(options.state_dir, changes.journal_sequence);
+        record(
+            options.state_dir,
+            index,
+            changes.index_update,
+            changes.journal_sequence,
+            head,
+        )?;
         return Ok(report);
     }
 
@@ -163,13 +312,20 @@ fn push_once(client: &Client, options: &PushOptions<'_>) -> Result<PushReport, T
         }
     }
     let wanted: Vec<Hash> = sources.keys().copied().collect();
-    let missing = client.missing(&wanted)?;
+    let wanted_bytes: u64 = sources.values().map(|(_, _, len)| len).sum();
+    // Asking which blobs the repository lacks costs a round trip; for a small push,
+    // sending them all costs less than that.
+    let missing = if wanted_bytes <= SEND_WITHOUT_ASKING_BYTES {
+        wanted
+    } else {
+        client.missing(&wanted)?
+    };
     let total: u64 = missing.iter().map(|hash| sources[hash].2).sum();
     if let Some(progress) = &options.progress {
         progress.start(total);
     }
-    // The changeset is a blob too; it travels in the last pack, so a small push
-    // costs one upload (and one sync at the repository).
+    // The changeset is a blob too; it travels in the last pack, which also carries
+    // the commit, so a small push costs one request.
     let changeset_json =
         serde_json::to_vec(&report.changeset).map_err(|err| TrackError::CorruptState {
             path: index_path(options.state_dir),
@@ -186,40 +342,125 @@ fn push_once(client: &Client, options: &PushOptions<'_>) -> Result<PushReport, T
     for hash in &missing {
         let len = sources[hash].2;
         if !batch.is_empty() && (batch_bytes + len > PACK_BYTES || batch.len() >= PACK_BLOBS) {
-            report.bytes_sent += upload_batch(client, options, &sources, &batch, None)?;
+            report.bytes_sent += upload_batch(client, options, &sources, &batch)?;
             batch.clear();
             batch_bytes = 0;
         }
         batch.push(*hash);
         batch_bytes += len;
     }
-    report.bytes_sent += upload_batch(client, options, &sources, &batch, Some(changeset_item))?;
-    report.blobs_sent = missing.len() as u64;
-
-    let committed = client.commit(&CommitRequest {
+    // The last pack carries the changeset and the commit: one round trip.
+    let commit = CommitRequest {
         parent: head,
         message: options.message.clone(),
         changeset: changeset_hash,
-    })?;
+    };
+    let (committed, sent) =
+        match upload_last_batch(client, options, &sources, &batch, changeset_item, &commit) {
+            Ok(committed) => committed,
+            // The head moved since this tree was last pushed: say so in the index's
+            // terms (the repository only knows that the parent is stale).
+            Err(TrackError::Repository(err)) if err.is_conflict() => {
+                check_head(client, head)?;
+                return Err(err.into());
+            }
+            Err(err) => return Err(err),
+        };
+    report.bytes_sent += sent;
+    report.blobs_sent = missing.len() as u64;
     if let Some(progress) = &options.progress {
         progress.finish();
     }
-    changes
-        .index_update
-        .write(&index, Some(committed.version))?;
-    clear_journal(options.state_dir, changes.journal_sequence);
+    record(
+        options.state_dir,
+        index,
+        changes.index_update,
+        changes.journal_sequence,
+        Some(committed.version),
+    )?;
     report.version = Some(committed.version);
     Ok(report)
 }
 
-/// Tells the tracker the journal up to `sequence` is pushed. Best effort: marks
-/// left behind are only looked at again by the next push.
-fn clear_journal(state_dir: &Path, sequence: Option<u64>) {
-    if let Some(sequence) = sequence {
-        if let Err(err) = request_clear(state_dir, sequence) {
-            tracing::warn!(error = %vdsync_proto::display::error_chain(&err), "could not clear the tracker's journal");
+/// Writes the index as of `version` and clears the tracker's journal up to
+/// `sequence` (what the push covered), once the repository has acknowledged it.
+fn record(
+    state_dir: &Path,
+    index: IndexHandle,
+    update: IndexUpdate,
+    sequence: Option<u64>,
+    version: Option<u64>,
+) -> Result<(), TrackError> {
+    let index = match index {
+        IndexHandle::Local(index) => index,
+        IndexHandle::Tracker => {
+            // The tracker writes the index and then clears the journal: one round
+            // trip, and no database opened or closed here.
+            if let (IndexUpdate::Patch(patch), Some(sequence)) = (&update, sequence) {
+                match request_pushed(state_dir, sequence, version, patch.clone()) {
+                    Ok(()) => return Ok(()),
+                    Err(err) => tracing::warn!(
+                        error = %vdsync_proto::display::error_chain(&err),
+                        "the tracker did not record the push; writing the index here"
+                    ),
+                }
+            }
+            open_here_patiently(state_dir)?
         }
+    };
+    // The tracker clears its marks while the index is written and closed: two
+    // databases syncing at once rather than one after the other. The order does not
+    // matter: should the index write fail after the marks are gone, the index still
+    // names the parent, so the next push is refused as diverged from the repository
+    // whatever the journal holds.
+    let clearing = sequence
+        .map(|sequence| ClearRequest::clear(state_dir, sequence))
+        .transpose()
+        .unwrap_or_else(|err| {
+            warn_not_cleared(&err);
+            None
+        })
+        .flatten();
+    update.write(&index, version)?;
+    drop(index);
+    if let Some(Err(err)) = clearing.map(ClearRequest::answer) {
+        warn_not_cleared(&err);
     }
+    Ok(())
+}
+
+fn warn_not_cleared(err: &TrackError) {
+    tracing::warn!(error = %vdsync_proto::display::error_chain(err), "could not clear the tracker's journal");
+}
+
+/// Where the blob `hash` of the changeset is read from, as an upload item.
+fn upload_item(
+    options: &PushOptions<'_>,
+    sources: &HashMap<Hash, (RepoPath, EntryKind, u64)>,
+    hash: &Hash,
+) -> UploadItem {
+    let (path, kind, len) = sources[hash].clone();
+    let full = options
+        .root
+        .join(std::ffi::OsStr::from_bytes(path.as_bytes()));
+    UploadItem {
+        hash: *hash,
+        len,
+        open: Box::new(move || {
+            let file = File::open(&full)?;
+            let reader: Box<dyn Read + Send> = Box::new(SegmentReader::from_entry(file, &kind));
+            Ok(reader)
+        }),
+    }
+}
+
+fn progress_callback(options: &PushOptions<'_>) -> Box<dyn FnMut(u64) + Send> {
+    let progress = options.progress.clone();
+    Box::new(move |bytes| {
+        if let Some(progress) = &progress {
+            progress.advance(bytes);
+        }
+    })
 }
 
 fn upload_batch(
@@ -227,54 +468,59 @@ fn upload_batch(
     options: &PushOptions<'_>,
     sources: &HashMap<Hash, (RepoPath, EntryKind, u64)>,
     batch: &[Hash],
-    last: Option<UploadItem>,
 ) -> Result<u64, TrackError> {
+    let items = batch
+        .iter()
+        .map(|hash| upload_item(options, sources, hash))
+        .collect();
+    client
+        .upload_pack(items, progress_callback(options))
+        .map_err(|err| explain_refused_upload(options, sources, batch, err))
+}
+
+/// Uploads the last batch with the changeset, and commits in the same request.
+fn upload_last_batch(
+    client: &Client,
+    options: &PushOptions<'_>,
+    sources: &HashMap<Hash, (RepoPath, EntryKind, u64)>,
+    batch: &[Hash],
+    changeset_item: UploadItem,
+    commit: &CommitRequest,
+) -> Result<(VersionInfo, u64), TrackError> {
     let mut items: Vec<UploadItem> = batch
         .iter()
-        .map(|hash| {
-            let (path, kind, len) = sources[hash].clone();
-            let full = options
-                .root
-                .join(std::ffi::OsStr::from_bytes(path.as_bytes()));
-            UploadItem {
-                hash: *hash,
-                len,
-                open: Box::new(move || {
-                    let file = File::open(&full)?;
-                    let reader: Box<dyn Read + Send> =
-                        Box::new(SegmentReader::from_entry(file, &kind));
-                    Ok(reader)
-                }),
-            }
-        })
+        .map(|hash| upload_item(options, sources, hash))
         .collect();
-    items.extend(last);
-    let progress = options.progress.clone();
-    let on_bytes: Box<dyn FnMut(u64) + Send> = Box::new(move |bytes| {
-        if let Some(progress) = &progress {
-            progress.advance(bytes);
-        }
-    });
-    match client.upload_pack(items, on_bytes) {
-        Ok(sent) => Ok(sent),
-        Err(err) => {
-            // A file edited after the scan no longer matches its hash and the
-            // repository refuses it. Say so (and push again) rather than fail.
-            for hash in batch {
-                let (path, kind, _) = &sources[hash];
-                let full = options
-                    .root
-                    .join(std::ffi::OsStr::from_bytes(path.as_bytes()));
-                let now = hash_file(&full).ok();
-                let still_same = matches!(
-                    (&now, kind),
-                    (Some(EntryKind::File { hash: new, .. }), EntryKind::File { hash: old, .. }) if new == old
-                );
-                if !still_same {
-                    return Err(TrackError::ChangedDuringPush(path.clone()));
-                }
-            }
-            Err(err.into())
+    items.push(changeset_item);
+    client
+        .upload_and_commit(items, progress_callback(options), commit)
+        .map_err(|err| explain_refused_upload(options, sources, batch, err))
+}
+
+/// A file edited after the scan no longer matches its hash and the repository
+/// refuses it. Says so (and the push starts over) rather than fail.
+fn explain_refused_upload(
+    options: &PushOptions<'_>,
+    sources: &HashMap<Hash, (RepoPath, EntryKind, u64)>,
+    batch: &[Hash],
+    err: vdsync_client::ClientError,
+) -> TrackError {
+    if err.is_conflict() {
+        return err.into();
+    }
+    for hash in batch {
+        let (path, kind, _) = &sources[hash];
+        let full = options
+            .root
+            .join(std::ffi::OsStr::from_bytes(path.as_bytes()));
+        let now = hash_file(&full).ok();
+        let still_same = matches!(
+            (&now, kind),
+            (Some(EntryKind::File { hash: new, .. }), EntryKind::File { hash: old, .. }) if new == old
+        );
+        if !still_same {
+            return TrackError::ChangedDuringPush(path.clone());
         }
     }
+    err.into()
 }

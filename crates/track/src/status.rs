@@ -8,11 +8,11 @@ use std::path::Path;
 use serde::Serialize;
 use vdsync_proto::{EntryKind, RepoPath};
 
-use crate::changes::{collect, Source};
+use crate::changes::{collect, collect_from_journal, Changes, Source};
 use crate::excludes::Excludes;
 use crate::index_db::IndexDb;
 use crate::push::index_path;
-use crate::tracker::request_snapshot;
+use crate::tracker::{request_release_index, SnapshotRequest};
 use crate::TrackError;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -46,17 +46,7 @@ pub fn status(
     state_dir: &Path,
     excludes: &Excludes,
 ) -> Result<StatusReport, TrackError> {
-    let index_file = index_path(state_dir);
-    let index = if index_file.exists() {
-        IndexDb::open(&index_file)?
-    } else {
-        // Nothing pushed from here yet: everything is new. Nothing is created on disk.
-        IndexDb::in_memory()?
-    };
-    let pushed_version = index.version()?;
-    let snapshot = request_snapshot(state_dir)?;
-    let tracker_running = snapshot.is_some();
-    let changes = collect(root, excludes, &index, snapshot, None, pushed_version)?;
+    let (changes, pushed_version, tracker_running) = find_changes(root, state_dir, excludes)?;
 
     let mut lines = Vec::new();
     for removed in &changes.changeset.removed {
@@ -99,4 +89,40 @@ pub fn status(
         source: changes.source,
         changes: lines,
     })
+}
+
+/// The changes, the version the index was pushed as, and whether a tracker runs.
+/// A tracker holding the index answers the lookups of a journal-driven status;
+/// otherwise the index is opened here.
+fn find_changes(
+    root: &Path,
+    state_dir: &Path,
+    excludes: &Excludes,
+) -> Result<(Changes, Option<u64>, bool), TrackError> {
+    let snapshot = match SnapshotRequest::send(state_dir, true)? {
+        None => None,
+        Some(request) => {
+            let (snapshot, view) = request.answer()?;
+            if let (Some(view), None) = (view, &snapshot.root) {
+                if let Some(changes) =
+                    collect_from_journal(root, excludes, &view, &snapshot, view.version)?
+                {
+                    return Ok((changes, view.version, true));
+                }
+            }
+            request_release_index(state_dir)?;
+            Some(snapshot)
+        }
+    };
+    let tracker_running = snapshot.is_some();
+    let index_file = index_path(state_dir);
+    let index = if index_file.exists() {
+        IndexDb::open(&index_file)?
+    } else {
+        // Nothing pushed from here yet: everything is new. Nothing is created on disk.
+        IndexDb::in_memory()?
+    };
+    let pushed_version = index.version()?;
+    let changes = collect(root, excludes, &index, snapshot, None, pushed_version)?;
+    Ok((changes, pushed_version, tracker_running))
 }

@@ -32,7 +32,9 @@ use vdsync_proto::RepoPath;
 use vdsync_sys::fanotify::{self, Fanotify, FileHandle, NameRole};
 use vdsync_sys::inotify::RecursiveInotify;
 
+use crate::changes::{IndexPatch, IndexView, JournalLookups};
 use crate::excludes::Excludes;
+use crate::index_db::IndexDb;
 use crate::journal::{Journal, Mark, Snapshot};
 use crate::TrackError;
 
@@ -43,8 +45,8 @@ const FENCE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// A read returning at least this many events means a burst is under way...
 const BUSY_EVENTS: usize = 256;
-/// ...and the next read waits this long. Well under what fills the kernel queue
-/// (16,384 events) even on tmpfs.
+/// ...and the next read waits this long, unless a client asks for something. Well
+/// under what fills the kernel queue (16,384 events) even on tmpfs.
 const BUSY_READ_DELAY: Duration = Duration::from_millis(10);
 
 /// Past this many journalled paths a snapshot asks for a full scan instead.
@@ -62,10 +64,23 @@ pub const JOURNAL_NAME: &str = "journal.redb";
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "snake_case")]
 pub enum Request {
-    /// Fence, flush, and answer the journal's snapshot.
-    Snapshot,
+    /// Fence, flush, and answer the journal's snapshot; with `index`, also the
+    /// pusher's index entries a journal-driven push of that snapshot reads.
+    Snapshot {
+        #[serde(default)]
+        index: bool,
+    },
     /// A push covering everything up to `sequence` has been committed.
     Clear { sequence: u64 },
+    /// A push answered from the tracker's index has been committed as `version`:
+    /// write `patch` to the index, then clear the journal up to `sequence`.
+    Pushed {
+        sequence: u64,
+        version: Option<u64>,
+        patch: IndexPatch,
+    },
+    /// Close the index: the client opens it itself (a full scan reads all of it).
+    ReleaseIndex,
 }
 
 /// The answer (one JSON line).
@@ -73,7 +88,15 @@ pub enum Request {
 #[serde(rename_all = "snake_case")]
 pub enum Response {
     Snapshot(Snapshot),
+    /// `index` is `None` when the client must read the index itself: the snapshot
+    /// asks for a full scan, the push is large, the index holds no push yet, or
+    /// another process has it open.
+    SnapshotWithIndex {
+        snapshot: Snapshot,
+        index: Option<IndexView>,
+    },
     Cleared,
+    Released,
     Error(String),
 }
 
@@ -95,10 +118,88 @@ pub enum WatcherChoice {
 
 /// A client request handed to the event loop, with the way back.
 struct Pending {
-    request: Request,
-    /// For a snapshot: the number of the fence file created for it.
-    fence: u64,
+    request: LoopRequest,
     reply: mpsc::Sender<Response>,
+}
+
+/// What only the event loop can do: it owns the journal and reads the fences.
+enum LoopRequest {
+    /// Answer once fence file number `fence` has been seen.
+    Snapshot {
+        fence: u64,
+    },
+    Clear {
+        sequence: u64,
+    },
+}
+
+/// The pusher's index (in the state directory), kept open between pushes once a
+/// push asked for it: opening and closing redb costs milliseconds (allocator state
+/// read, header synced; allocator state written back, synced) that a push would
+/// otherwise pay twice. Clients' threads use it under the lock; the event loop
+/// never waits for it.
+struct IndexSlot {
+    path: PathBuf,
+    index: std::sync::Mutex<Option<IndexDb>>,
+}
+
+/// A push whose view would hold more entries than this reads the index itself:
+/// the view travels as one JSON line and sits in the tracker's memory meanwhile.
+const INDEX_VIEW_LIMIT: usize = 10_000;
+
+impl IndexSlot {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Option<IndexDb>> {
+        self.index
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// The index entries a journal-driven push of `snapshot` reads, or `None` if
+    /// the client must read the index itself.
+    fn view(&self, snapshot: &Snapshot) -> Option<IndexView> {
+        if snapshot.root.is_some() {
+            return None;
+        }
+        let lookups = JournalLookups::of(snapshot);
+        if lookups.len() > INDEX_VIEW_LIMIT {
+            return None;
+        }
+        let mut slot = self.lock();
+        if slot.is_none() && self.path.exists() {
+            // Fails while a client that asked for a release still has it open.
+            *slot = IndexDb::open(&self.path).ok();
+        }
+        let index = slot.as_ref()?;
+        let read = || -> Result<Option<IndexView>, TrackError> {
+            if index.is_empty()? {
+                // The first push imports the repository's manifest itself.
+                return Ok(None);
+            }
+            IndexView::read(index, &lookups, INDEX_VIEW_LIMIT)
+        };
+        read().unwrap_or_else(|err| {
+            tracing::warn!(error = %vdsync_proto::display::error_chain(&err), "cannot read the index for a push");
+            None
+        })
+    }
+
+    fn write(&self, version: Option<u64>, patch: &IndexPatch) -> Result<(), TrackError> {
+        let mut slot = self.lock();
+        if slot.is_none() {
+            // Released since the view was read (a `status` scanning the whole tree).
+            *slot = Some(IndexDb::open(&self.path)?);
+        }
+        match slot.as_ref() {
+            Some(index) => index.update(version, &patch.removed, &patch.upserts),
+            None => Err(TrackError::Tracker("the index is not open".to_owned())),
+        }
+    }
+
+    /// Closes the index (if open), cleanly, so that the next to open it need not
+    /// repair it.
+    fn release(&self) {
+        drop(self.lock().take());
+    }
 }
 
 /// Runs until `stop` is set. `ready` is called, with a description of the watcher,
@@ -135,8 +236,17 @@ pub fn run(
     let _ = std::fs::remove_file(&socket_path);
     let listener = UnixListener::bind(&socket_path).map_err(io_error(&socket_path))?;
     let (requests, incoming) = mpsc::channel::<Pending>();
-    let fence_dir = state_dir.clone();
-    std::thread::spawn(move || serve_clients(listener, requests, fence_dir));
+    let index = Arc::new(IndexSlot {
+        path: crate::push::index_path(&state_dir),
+        index: std::sync::Mutex::new(None),
+    });
+    let clients = Clients {
+        requests,
+        fences: AtomicU64::new(0),
+        state_dir: state_dir.clone(),
+        index: Arc::clone(&index),
+    };
+    std::thread::spawn(move || serve_clients(listener, Arc::new(clients)));
     ready(&watcher.description());
 
     let context = Context {
@@ -151,15 +261,25 @@ pub fn run(
     let mut fences: Vec<(u64, Instant, mpsc::Sender<Response>)> = Vec::new();
 
     while !stop.load(Ordering::Relaxed) {
-        watcher.poll(&context, &mut seen, &mut busy)?;
+        // After a large read, put the next one off a little so that the kernel
+        // merges repeated events for the same name in its queue instead of the
+        // tracker waking (and the writer paying a context switch) for every one. On
+        // a busy machine that is most of the time, since the mark covers the whole
+        // file system; so a client's request ends the wait, and none happens while a
+        // snapshot waits for its fence: a push never waits for someone's build.
+        let mut arrived = None;
+        if busy && fences.is_empty() {
+            arrived = incoming.recv_timeout(BUSY_READ_DELAY).ok();
+        }
+        busy = watcher.poll(&context, &mut seen)? >= BUSY_EVENTS;
 
         // Requests from clients.
-        while let Ok(pending) = incoming.try_recv() {
+        while let Some(pending) = arrived.take().or_else(|| incoming.try_recv().ok()) {
             match pending.request {
-                Request::Snapshot => {
-                    fences.push((pending.fence, Instant::now() + FENCE_TIMEOUT, pending.reply));
+                LoopRequest::Snapshot { fence } => {
+                    fences.push((fence, Instant::now() + FENCE_TIMEOUT, pending.reply));
                 }
-                Request::Clear { sequence } => {
+                LoopRequest::Clear { sequence } => {
                     let answer = match journal.clear_upto(sequence) {
                         Ok(()) => Response::Cleared,
                         Err(err) => Response::Error(vdsync_proto::display::error_chain(&err)),
@@ -207,6 +327,7 @@ pub fn run(
         journal.record(&seen.marks, seen.root_reason.as_deref())?;
     }
     let _ = std::fs::remove_file(&socket_path);
+    index.release();
     Ok(())
 }
 
@@ -372,20 +493,9 @@ impl Watcher {
         }
     }
 
-    /// Reads what is pending (waiting briefly) into `seen`. `busy` says the last
-    /// read was large: then the next one is put off a little, so that the kernel
-    /// merges repeated events for the same name in its queue instead of the tracker
-    /// waking (and the writer paying a context switch) for every one. At rest a read
-    /// happens as soon as an event arrives, so a fence costs no added latency.
-    fn poll(
-        &mut self,
-        context: &Context<'_>,
-        seen: &mut Seen,
-        busy: &mut bool,
-    ) -> Result<(), TrackError> {
-        if *busy {
-            std::thread::sleep(BUSY_READ_DELAY);
-        }
+    /// Reads what is pending (waiting briefly, returning as soon as an event
+    /// arrives) into `seen`. Returns the number of events read.
+    fn poll(&mut self, context: &Context<'_>, seen: &mut Seen) -> Result<usize, TrackError> {
         let wait = Duration::from_millis(20);
         let events_read;
         match self {
@@ -450,8 +560,7 @@ impl Watcher {
                 }
             }
         }
-        *busy = events_read >= BUSY_EVENTS;
-        Ok(())
+        Ok(events_read)
     }
 }
 
@@ -542,59 +651,31 @@ impl Resolver {
     }
 }
 
+/// What every client connection shares.
+struct Clients {
+    requests: mpsc::Sender<Pending>,
+    fences: AtomicU64,
+    state_dir: PathBuf,
+    index: Arc<IndexSlot>,
+}
+
 /// Accepts clients; each connection sends one request line and gets one answer line.
-fn serve_clients(listener: UnixListener, requests: mpsc::Sender<Pending>, state_dir: PathBuf) {
-    let fences = Arc::new(AtomicU64::new(0));
+fn serve_clients(listener: UnixListener, clients: Arc<Clients>) {
     for stream in listener.incoming() {
         let Ok(stream) = stream else { continue };
-        let requests = requests.clone();
-        let fences = fences.clone();
-        let state_dir = state_dir.clone();
+        let clients = Arc::clone(&clients);
         std::thread::spawn(move || {
-            let _ = answer_client(stream, &requests, &fences, &state_dir);
+            let _ = answer_client(stream, &clients);
         });
     }
 }
 
-fn answer_client(
-    stream: UnixStream,
-    requests: &mpsc::Sender<Pending>,
-    fences: &AtomicU64,
-    state_dir: &Path,
-) -> std::io::Result<()> {
+fn answer_client(stream: UnixStream, clients: &Clients) -> std::io::Result<()> {
     let mut reader = BufReader::new(stream.try_clone()?);
     let mut line = String::new();
     reader.read_line(&mut line)?;
     let response = match serde_json::from_str::<Request>(&line) {
-        Ok(request) => {
-            let fence = match request {
-                Request::Snapshot => fences.fetch_add(1, Ordering::Relaxed) + 1,
-                Request::Clear { .. } => 0,
-            };
-            let is_snapshot = matches!(request, Request::Snapshot);
-            let (reply, answer) = mpsc::channel();
-            if requests
-                .send(Pending {
-                    request,
-                    fence,
-                    reply,
-                })
-                .is_err()
-            {
-                Response::Error("the tracker is shutting down".to_owned())
-            } else if let Err(err) = is_snapshot
-                .then(|| create_fence(state_dir, fence))
-                .transpose()
-            {
-                // Created after the request is queued: the fence's event is what
-                // wakes the event loop, and the request must be there by then.
-                Response::Error(format!("cannot create the fence file: {err}"))
-            } else {
-                answer
-                    .recv()
-                    .unwrap_or_else(|_| Response::Error("the tracker is shutting down".to_owned()))
-            }
-        }
+        Ok(request) => answer(clients, request),
         Err(err) => Response::Error(format!("bad request: {err}")),
     };
     // One write per message: serde_json writes token by token.
@@ -605,48 +686,185 @@ fn answer_client(
     stream.flush()
 }
 
-/// Asks the tracker of `state_dir` for a fenced snapshot; `None` if no tracker runs.
-pub fn request_snapshot(state_dir: &Path) -> Result<Option<Snapshot>, TrackError> {
-    match ask(state_dir, &Request::Snapshot)? {
-        None => Ok(None),
-        Some(Response::Snapshot(snapshot)) => Ok(Some(snapshot)),
-        Some(Response::Error(message)) => Err(TrackError::Tracker(message)),
-        Some(Response::Cleared) => Err(TrackError::Tracker("unexpected answer".to_owned())),
+fn answer(clients: &Clients, request: Request) -> Response {
+    match request {
+        Request::Snapshot { index } => {
+            let fence = clients.fences.fetch_add(1, Ordering::Relaxed) + 1;
+            match ask_loop(clients, LoopRequest::Snapshot { fence }) {
+                Response::Snapshot(snapshot) if index => Response::SnapshotWithIndex {
+                    index: clients.index.view(&snapshot),
+                    snapshot,
+                },
+                other => other,
+            }
+        }
+        Request::Clear { sequence } => ask_loop(clients, LoopRequest::Clear { sequence }),
+        Request::Pushed {
+            sequence,
+            version,
+            patch,
+        } => match clients.index.write(version, &patch) {
+            // The index first, as a push that writes it itself does: marks outlive
+            // an index write that failed.
+            Ok(()) => ask_loop(clients, LoopRequest::Clear { sequence }),
+            Err(err) => Response::Error(vdsync_proto::display::error_chain(&err)),
+        },
+        Request::ReleaseIndex => {
+            clients.index.release();
+            Response::Released
+        }
     }
 }
 
-/// Tells the tracker that a push covered everything up to `sequence`.
-pub fn request_clear(state_dir: &Path, sequence: u64) -> Result<(), TrackError> {
-    match ask(state_dir, &Request::Clear { sequence })? {
-        None | Some(Response::Cleared) => Ok(()),
-        Some(Response::Error(message)) => Err(TrackError::Tracker(message)),
-        Some(Response::Snapshot(_)) => Err(TrackError::Tracker("unexpected answer".to_owned())),
+/// Hands `request` to the event loop and waits for its answer. A snapshot's fence
+/// file is created after the request is queued: the fence's event is what wakes the
+/// event loop, and the request must be there by then.
+fn ask_loop(clients: &Clients, request: LoopRequest) -> Response {
+    let fence = match request {
+        LoopRequest::Snapshot { fence } => Some(fence),
+        LoopRequest::Clear { .. } => None,
+    };
+    let (reply, answer) = mpsc::channel();
+    if clients.requests.send(Pending { request, reply }).is_err() {
+        return Response::Error("the tracker is shutting down".to_owned());
+    }
+    if let Some(Err(err)) = fence.map(|fence| create_fence(&clients.state_dir, fence)) {
+        return Response::Error(format!("cannot create the fence file: {err}"));
+    }
+    answer
+        .recv()
+        .unwrap_or_else(|_| Response::Error("the tracker is shutting down".to_owned()))
+}
+
+/// A snapshot asked for and not yet answered, so that the caller can do other work
+/// meanwhile. The fence is created when the tracker reads the request, so the
+/// snapshot covers every change made before [`SnapshotRequest::send`].
+pub struct SnapshotRequest {
+    connection: Connection,
+}
+
+impl SnapshotRequest {
+    /// Sends the request, asking also for the index entries a journal-driven push of
+    /// the snapshot reads if `index`; `None` if no tracker runs for `state_dir`.
+    pub fn send(state_dir: &Path, index: bool) -> Result<Option<SnapshotRequest>, TrackError> {
+        Ok(Connection::send(state_dir, &Request::Snapshot { index })?
+            .map(|connection| SnapshotRequest { connection }))
+    }
+
+    /// Waits for the tracker's answer: the snapshot, and the index entries if they
+    /// were asked for and the tracker could read them.
+    pub fn answer(self) -> Result<(Snapshot, Option<IndexView>), TrackError> {
+        match self.connection.answer()? {
+            Response::Snapshot(snapshot) => Ok((snapshot, None)),
+            Response::SnapshotWithIndex { snapshot, index } => Ok((snapshot, index)),
+            Response::Error(message) => Err(TrackError::Tracker(message)),
+            Response::Cleared | Response::Released => {
+                Err(TrackError::Tracker("unexpected answer".to_owned()))
+            }
+        }
     }
 }
 
-fn ask(state_dir: &Path, request: &Request) -> Result<Option<Response>, TrackError> {
-    let socket_path = state_dir.join(SOCKET_NAME);
-    let stream = match UnixStream::connect(&socket_path) {
-        Ok(stream) => stream,
-        // No socket, or a socket nobody listens on: no tracker is running.
-        Err(_) => return Ok(None),
+/// Tells the tracker that a push answered from its index view was committed as
+/// `version`; it writes `patch` to the index and clears the journal up to
+/// `sequence`. Fails if no tracker runs (or it no longer holds the index): the
+/// caller then writes the index itself.
+pub fn request_pushed(
+    state_dir: &Path,
+    sequence: u64,
+    version: Option<u64>,
+    patch: IndexPatch,
+) -> Result<(), TrackError> {
+    let request = Request::Pushed {
+        sequence,
+        version,
+        patch,
     };
-    let io_error = |source| TrackError::Io {
-        path: socket_path.clone(),
-        source,
+    match ClearRequest::send(state_dir, &request)? {
+        None => Err(TrackError::Tracker("the tracker is gone".to_owned())),
+        Some(request) => request.answer(),
+    }
+}
+
+/// Asks a running tracker to close the index, so that this process can open it.
+pub fn request_release_index(state_dir: &Path) -> Result<(), TrackError> {
+    let Some(connection) = Connection::send(state_dir, &Request::ReleaseIndex)? else {
+        return Ok(());
     };
-    stream
-        .set_read_timeout(Some(FENCE_TIMEOUT + Duration::from_secs(5)))
-        .map_err(io_error)?;
-    let mut writer = stream.try_clone().map_err(io_error)?;
-    let mut message = serde_json::to_vec(request).map_err(|err| io_error(err.into()))?;
-    message.push(b'\n');
-    writer.write_all(&message).map_err(io_error)?;
-    let mut line = String::new();
-    BufReader::new(stream)
-        .read_line(&mut line)
-        .map_err(io_error)?;
-    serde_json::from_str(&line)
-        .map(Some)
-        .map_err(|err| TrackError::Tracker(format!("unreadable answer: {err}")))
+    match connection.answer()? {
+        Response::Released => Ok(()),
+        Response::Error(message) => Err(TrackError::Tracker(message)),
+        _ => Err(TrackError::Tracker("unexpected answer".to_owned())),
+    }
+}
+
+/// A clear (or pushed) request sent and not yet answered, so that the caller can
+/// write its index while the tracker writes its journal.
+pub struct ClearRequest {
+    connection: Connection,
+}
+
+impl ClearRequest {
+    /// Sends a `Clear` or `Pushed` request; `None` if no tracker runs.
+    fn send(state_dir: &Path, request: &Request) -> Result<Option<ClearRequest>, TrackError> {
+        Ok(Connection::send(state_dir, request)?.map(|connection| ClearRequest { connection }))
+    }
+
+    /// Sends a clear of the journal up to `sequence`; `None` if no tracker runs.
+    pub fn clear(state_dir: &Path, sequence: u64) -> Result<Option<ClearRequest>, TrackError> {
+        ClearRequest::send(state_dir, &Request::Clear { sequence })
+    }
+
+    /// Waits until the tracker has cleared the marks.
+    pub fn answer(self) -> Result<(), TrackError> {
+        match self.connection.answer()? {
+            Response::Cleared => Ok(()),
+            Response::Error(message) => Err(TrackError::Tracker(message)),
+            _ => Err(TrackError::Tracker("unexpected answer".to_owned())),
+        }
+    }
+}
+
+/// One request sent on the tracker's socket, its answer still to be read.
+struct Connection {
+    stream: UnixStream,
+    socket_path: PathBuf,
+}
+
+impl Connection {
+    /// `None` when no tracker is running.
+    fn send(state_dir: &Path, request: &Request) -> Result<Option<Connection>, TrackError> {
+        let socket_path = state_dir.join(SOCKET_NAME);
+        let mut stream = match UnixStream::connect(&socket_path) {
+            Ok(stream) => stream,
+            // No socket, or a socket nobody listens on: no tracker is running.
+            Err(_) => return Ok(None),
+        };
+        let io_error = |source| TrackError::Io {
+            path: socket_path.clone(),
+            source,
+        };
+        stream
+            .set_read_timeout(Some(FENCE_TIMEOUT + Duration::from_secs(5)))
+            .map_err(io_error)?;
+        let mut message = serde_json::to_vec(request).map_err(|err| io_error(err.into()))?;
+        message.push(b'\n');
+        stream.write_all(&message).map_err(io_error)?;
+        Ok(Some(Connection {
+            stream,
+            socket_path,
+        }))
+    }
+
+    fn answer(self) -> Result<Response, TrackError> {
+        let mut line = String::new();
+        BufReader::new(self.stream)
+            .read_line(&mut line)
+            .map_err(|source| TrackError::Io {
+                path: self.socket_path,
+                source,
+            })?;
+        serde_json::from_str(&line)
+            .map_err(|err| TrackError::Tracker(format!("unreadable answer: {err}")))
+    }
 }

@@ -427,6 +427,8 @@ fn push(args: PushArgs) -> Result<()> {
     if !args.root.is_dir() {
         bail!("--root {} is not a directory", args.root.display());
     }
+    // First, so that the tracker's fence and opening the index overlap what follows.
+    let start = vdsync_track::PushStart::begin(&args.state, args.rescan)?;
     let excludes = excludes_for(&args.excludes, &args.root, Some(&args.state))?;
     let client = vdsync_client::Client::new(&args.repo)?;
     let progress: Option<Arc<dyn vdsync_track::Progress>> = if std::io::stderr().is_terminal()
@@ -441,7 +443,7 @@ fn push(args: PushArgs) -> Result<()> {
     } else {
         None
     };
-    let report = vdsync_track::push(
+    let report = vdsync_track::push_started(
         &client,
         &vdsync_track::PushOptions {
             root: &args.root,
@@ -452,6 +454,7 @@ fn push(args: PushArgs) -> Result<()> {
             excludes: &excludes,
             progress,
         },
+        start,
     )?;
     output::print_push(&report, args.dry_run, args.json, !args.rescan)
 }
