@@ -306,3 +306,73 @@ impl IndexUpdate {
         }
     }
 }
+
+// Tests fail by panicking; `unwrap` is the clearest way to say "this must work".
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use crate::journal::Snapshot;
+    use vdsync_proto::fixtures::path;
+
+    /// A push answered from the tracker's view of the index finds exactly what one
+    /// reading the index itself finds, and the view holds only what it needs.
+    #[test]
+    fn a_view_of_the_index_answers_a_journal_push_like_the_index() {
+        let temp = tempfile::tempdir().unwrap();
+        let root = temp.path().join("tree");
+        for directory in ["a", "a/deep", "b", "c"] {
+            std::fs::create_dir_all(root.join(directory)).unwrap();
+        }
+        for file in ["a/one", "a/two", "a/deep/three", "b/four", "c/five"] {
+            std::fs::write(root.join(file), file).unwrap();
+        }
+        let excludes = Excludes::new(&[], vec![]).unwrap();
+        let index = IndexDb::open(&temp.path().join("index.redb")).unwrap();
+        let mut scanned = scan(&root, &excludes, &Index::default()).unwrap();
+        scanned.version = Some(3);
+        index.store(&scanned).unwrap();
+
+        std::fs::write(root.join("a/one"), "changed").unwrap();
+        std::fs::remove_file(root.join("a/deep/three")).unwrap();
+        std::fs::write(root.join("b/new"), "new").unwrap();
+        let snapshot = Snapshot {
+            sequence: 7,
+            root: None,
+            marks: vec![
+                (path("a/deep"), Mark::Subtree),
+                (path("a/one"), Mark::Path),
+                (path("b/new"), Mark::Path),
+            ],
+        };
+        let view = IndexView::read(&index, &JournalLookups::of(&snapshot), 100)
+            .unwrap()
+            .unwrap();
+        assert_eq!(view.version, Some(3));
+        let viewed: Vec<String> = view.entries.iter().map(|e| e.path.to_string()).collect();
+        assert_eq!(viewed, ["a", "a/deep", "a/deep/three", "a/one", "b"]);
+
+        let from_index = collect_from_journal(&root, &excludes, &index, &snapshot, Some(3))
+            .unwrap()
+            .unwrap();
+        let from_view = collect_from_journal(&root, &excludes, &view, &snapshot, Some(3))
+            .unwrap()
+            .unwrap();
+        assert_eq!(from_view.changeset, from_index.changeset);
+        assert_eq!(from_view.before, from_index.before);
+        assert_eq!(from_view.journal_sequence, Some(7));
+        let changed: Vec<String> = from_view
+            .changeset
+            .entries
+            .iter()
+            .map(|item| item.path.to_string())
+            .collect();
+        assert_eq!(changed, ["a", "a/deep", "a/one", "b", "b/new"]);
+        assert_eq!(from_view.changeset.removed, [path("a/deep/three")]);
+
+        // Past its limit the view is not made: the push reads the index itself.
+        assert!(IndexView::read(&index, &JournalLookups::of(&snapshot), 1)
+            .unwrap()
+            .is_none());
+    }
+}

@@ -201,8 +201,15 @@ impl Journal {
     }
 
     /// Forgets what a push up to `sequence` has covered.
+    ///
+    /// Not synced: it becomes durable with the next batch recorded. A clear lost in a
+    /// crash leaves marks that the next push looks at again and finds unchanged,
+    /// while a sync here would add to every push. (Recording, by contrast, stays
+    /// durable: sequence numbers must never run backwards, or a clear could remove
+    /// marks recorded after it was asked for.)
     pub fn clear_upto(&self, sequence: u64) -> Result<(), TrackError> {
-        let txn = self.db.begin_write().map_err(|e| self.error(e))?;
+        let mut txn = self.db.begin_write().map_err(|e| self.error(e))?;
+        txn.set_durability(redb::Durability::None);
         {
             let mut table = txn.open_table(MARKS).map_err(|e| self.error(e))?;
             table

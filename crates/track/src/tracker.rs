@@ -16,6 +16,11 @@
 //! directory. A snapshot request is fenced: the tracker writes a marker file and
 //! answers only once it has read that file's event, so every change made before the
 //! request is in the snapshot.
+//!
+//! The tracker also keeps the pusher's index open between pushes (redb costs
+//! milliseconds to open and to close): it answers a journal-driven push's index
+//! lookups with the snapshot and writes the push's index update after the commit. A
+//! client that needs the whole index asks it to close the index first.
 
 use std::collections::{BTreeMap, HashMap};
 use std::io::{BufRead, BufReader, Write};

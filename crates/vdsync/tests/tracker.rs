@@ -318,6 +318,38 @@ fn a_write_storm_loses_nothing(watcher: Watcher) {
     lab.agent_matches_dev();
 }
 
+/// The tracker keeps the pusher's index open and answers journal pushes from it; a
+/// push or status that reads all of it has it closed first, and the next journal
+/// push has the tracker open it again. No push may lose its index update on the way.
+fn the_index_passes_between_the_tracker_and_full_scans(watcher: Watcher) {
+    let lab = Lab::new(watcher, |dev| std::fs::write(dev.join("a"), "v0").unwrap());
+    std::fs::write(lab.dev.join("a"), "v1").unwrap();
+    let pushed = lab.push();
+    assert_eq!(pushed["source"]["mode"], "journal", "{pushed}");
+    assert_eq!(pushed["version"], 1, "{pushed}");
+
+    std::fs::write(lab.dev.join("b"), "new").unwrap();
+    let mut rescan = lab.push_command();
+    rescan.arg("--rescan");
+    let output = rescan.output().unwrap();
+    assert!(output.status.success(), "{output:?}");
+    let pushed: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(pushed["source"]["mode"], "full_scan", "{pushed}");
+    assert_eq!(pushed["version"], 2, "{pushed}");
+
+    std::fs::write(lab.dev.join("a"), "v3").unwrap();
+    let report = lab.status_json();
+    assert_eq!(report["pushed_version"], 2, "{report}");
+    assert_eq!(lab.status(), pairs(&[("modified", "a")]));
+    let pushed = lab.push();
+    assert_eq!(pushed["source"]["mode"], "journal", "{pushed}");
+    assert_eq!(pushed["version"], 3, "{pushed}");
+    assert_eq!(pushed["files"], 1, "{pushed}");
+    assert_eq!(lab.status(), pairs(&[]));
+    assert_eq!(lab.status_json()["pushed_version"], 3);
+    lab.agent_matches_dev();
+}
+
 fn hard_links_fall_back_to_a_full_scan(watcher: Watcher) {
     let lab = Lab::new(watcher, |dev| {
         std::fs::write(dev.join("a"), "shared").unwrap()
@@ -411,6 +443,7 @@ for_each_watcher!(
     a_change_saved_just_before_push_is_never_left_out,
     a_write_storm_loses_nothing,
     hard_links_fall_back_to_a_full_scan,
+    the_index_passes_between_the_tracker_and_full_scans,
     queue_overflow_marks_the_whole_root_for_rescan,
     changes_while_the_tracker_was_down_are_found_after_its_restart,
 );
