@@ -413,3 +413,22 @@ pub use redis::{
     REDIS_SERVER_BINARY,
 };
 pub use testd::{read_testd_report, testd_binary, wait_for_report, TestdReport};
+
+/// Copies an executable that is about to be run. Done by `/bin/cp` in its own
+/// process: a copy written by this (multi-threaded) test process leaves a writable
+/// descriptor that a concurrent fork in another test can inherit for a moment, and
+/// exec of the copy then fails with ETXTBSY ("Text file busy").
+pub fn copy_executable(from: &Path, to: &Path) {
+    let status = Command::new("/bin/cp")
+        .arg("--")
+        .arg(from)
+        .arg(to)
+        .status()
+        .unwrap_or_else(|err| panic!("cannot run /bin/cp: {err}"));
+    assert!(
+        status.success(),
+        "cp {} {} failed",
+        from.display(),
+        to.display()
+    );
+}

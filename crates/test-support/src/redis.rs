@@ -105,13 +105,7 @@ impl Redis {
             std::fs::create_dir_all(dir)
                 .unwrap_or_else(|err| panic!("cannot create {}: {err}", dir.display()));
         }
-        std::fs::copy(&source, &target).unwrap_or_else(|err| {
-            panic!(
-                "cannot copy {} to {}: {err}",
-                source.display(),
-                target.display()
-            )
-        });
+        crate::copy_executable(&source, &target);
         target
     }
 

@@ -25,7 +25,7 @@ fn signal(pid: u32, signal: Signal) {
 fn install_testd(root: &Path) -> PathBuf {
     let binary = root.join("usr/bin/vdsync-testd");
     std::fs::create_dir_all(binary.parent().expect("a parent")).expect("mkdir");
-    std::fs::copy(testd_binary(), &binary).expect("copy vdsync-testd");
+    vdsync_test_support::copy_executable(&testd_binary(), &binary);
     binary
 }
 
