@@ -37,7 +37,7 @@ use std::time::Instant;
 use serde::{Deserialize, Serialize};
 use vdsync_proto::{Changeset, EntryKind, Hash, Metadata, RepoPath};
 use vdsync_store::SegmentReader;
-use vdsync_sys::process::FileId;
+use vdsync_sys::process::{incarnation_of_entry, FileId, Incarnation};
 use vdsync_sys::{Errno, RootDir, Special};
 
 use crate::plan::UpdatedFile;
@@ -317,13 +317,27 @@ impl Applier {
     /// The regular file now at `path` in the tree, if there is one (symlinks are
     /// not followed).
     pub fn file_at(&self, path: &RepoPath) -> Option<FileId> {
+        self.current_at(path, false).map(|(file, _)| file)
+    }
+
+    /// [`Applier::file_at`], with the file's incarnation if `incarnation` is asked
+    /// for (0 otherwise, or where the file system does not tell).
+    fn current_at(&self, path: &RepoPath, incarnation: bool) -> Option<(FileId, Incarnation)> {
         let parent = self.root.open_dir(&parent_bytes(path)).ok()?;
         let stat = vdsync_sys::lstat_at(parent.as_fd(), path.file_name()).ok()??;
-        (rustix::fs::FileType::from_raw_mode(stat.st_mode) == rustix::fs::FileType::RegularFile)
-            .then_some(FileId {
-                dev: stat.st_dev,
-                ino: stat.st_ino,
-            })
+        if rustix::fs::FileType::from_raw_mode(stat.st_mode) != rustix::fs::FileType::RegularFile {
+            return None;
+        }
+        let file = FileId {
+            dev: stat.st_dev,
+            ino: stat.st_ino,
+        };
+        let incarnation = if incarnation {
+            incarnation_of_entry(parent.as_fd(), path.file_name())
+        } else {
+            0
+        };
+        Some((file, incarnation))
     }
 
     /// Every non-directory the changeset places, with the file now at its path,
@@ -334,17 +348,23 @@ impl Applier {
             .entries
             .iter()
             .filter(|item| item.entry.kind != EntryKind::Dir)
-            .map(|item| UpdatedFile {
-                path: item.path.clone(),
-                current: self.file_at(&item.path),
-                removed: false,
+            .map(|item| {
+                let current = self.current_at(&item.path, true);
+                UpdatedFile {
+                    path: item.path.clone(),
+                    current: current.map(|(file, _)| file),
+                    incarnation: current.map_or(0, |(_, incarnation)| incarnation),
+                    removed: false,
+                }
             });
         let removed = changeset.removed.iter().filter_map(|path| {
-            self.file_at(path).map(|current| UpdatedFile {
-                path: path.clone(),
-                current: Some(current),
-                removed: true,
-            })
+            self.current_at(path, true)
+                .map(|(current, incarnation)| UpdatedFile {
+                    path: path.clone(),
+                    current: Some(current),
+                    incarnation,
+                    removed: true,
+                })
         });
         placed.chain(removed).collect()
     }

@@ -8,7 +8,7 @@
 //! stop → commit (journal, roll forward) → start, reload, commands. Processes are
 //! down only while the version is placed, never while it downloads.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::path::Path;
 use std::time::Duration;
 
@@ -16,7 +16,7 @@ use vdsync_client::Client;
 use vdsync_proto::display::error_chain;
 use vdsync_proto::wire::{Hello, Outcome, OutcomeStatus};
 use vdsync_proto::Changeset;
-use vdsync_sys::process::{FileId, ProcessFiles};
+use vdsync_sys::process::{FileId, Incarnation, ProcessFiles};
 
 use crate::openlog::OpenLog;
 use crate::plan::{Inputs, Plan, UpdatedFile};
@@ -228,7 +228,10 @@ pub fn make_plan(updated: &[UpdatedFile], rules: &Rules, open_log: Option<&OpenL
         };
     }
     let snapshot = snapshot_processes();
-    let wanted: HashSet<FileId> = updated.iter().filter_map(|file| file.current).collect();
+    let wanted: HashMap<FileId, Incarnation> = updated
+        .iter()
+        .filter_map(|file| Some((file.current?, file.incarnation)))
+        .collect();
     let opened_before = open_log
         .map(|log| log.opened_before(&wanted))
         .unwrap_or_default();

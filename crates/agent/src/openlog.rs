@@ -8,10 +8,17 @@
 //!
 //! Like the paper's list, a process's history is inherited across `fork` (a daemon
 //! that reads its configuration and then forks into the background keeps it) and
-//! starts afresh at `exec`. The exec boundary is taken from the fanotify stream
-//! itself (`FAN_OPEN_EXEC` of the new program), not from the connector: the two
-//! streams are not ordered with each other, and an open made right after an exec
-//! must not be wiped by an exec event read late.
+//! starts afresh at `exec`. What a process opened itself is dropped at the
+//! `FAN_OPEN_EXEC` of its new program, in the same fanotify stream as its opens,
+//! not at the connector's exec event: the two streams are not ordered with each
+//! other, and an open made right after an exec must not be wiped by an exec event
+//! read late. Inheritance from its parent ends at whichever exec event comes first.
+//! Executions are watched on every mounted file system, opens only on the root's.
+//!
+//! Inode numbers are reused as soon as a file is deleted, so each open also
+//! records the inode's incarnation (its file handle, which holds the generation):
+//! a process that opened a deleted temporary file is not taken for a user of the
+//! file that later got the same inode number.
 //!
 //! The launch working directory, argv and environment of every process started
 //! while the agent runs are read at its exec event, for restarting it later as it
@@ -28,7 +35,7 @@ use std::time::{Duration, SystemTime};
 
 use vdsync_sys::open_events::{OpenBatch, OpenEvents};
 use vdsync_sys::proc_events::{ProcEvent, ProcEvents};
-use vdsync_sys::process::{FileId, ProcessKey};
+use vdsync_sys::process::{FileId, Incarnation, ProcessKey};
 
 /// How many (process, file) pairs the log holds at most; past it, new opens are
 /// dropped and the log says it is incomplete.
@@ -63,7 +70,8 @@ fn read_launch(pid: i32) -> Option<Launch> {
 struct Record {
     /// The process this one was forked from, since its last exec.
     forked_from: Option<ProcessKey>,
-    opened: HashSet<FileId>,
+    /// Each file opened, with the incarnation of its inode last opened.
+    opened: HashMap<FileId, Incarnation>,
     launch: Option<Launch>,
     alive: bool,
     /// Live or remembered records whose `forked_from` is this one.
@@ -108,6 +116,13 @@ impl OpenLog {
                 unwatched.push((mount, err.to_string()));
             }
         }
+        // Executions everywhere else too: a process running a program from another
+        // file system must not keep inheriting what its parent opened.
+        for mount in mount_points() {
+            if let Err(err) = opens.also_watch_execs(&mount) {
+                tracing::debug!(mount = %mount.display(), error = %err, "open log: executions there are not seen");
+            }
+        }
         let processes = ProcEvents::subscribe()?;
         let state = Arc::new(Mutex::new(State::default()));
         let stop = Arc::new(AtomicBool::new(false));
@@ -145,19 +160,32 @@ impl OpenLog {
         self.lock().incomplete.clone()
     }
 
-    /// For each of `files`, the live processes that opened it — themselves or a
-    /// process they were forked from since their last exec.
-    pub fn opened_before(&self, files: &HashSet<FileId>) -> HashMap<FileId, Vec<ProcessKey>> {
+    /// For each of `files` (with the incarnation of its inode now), the live
+    /// processes that opened it — themselves, or a process they were forked from
+    /// since their last exec. An open of an earlier file that had the same inode
+    /// number does not count.
+    pub fn opened_before(
+        &self,
+        files: &HashMap<FileId, Incarnation>,
+    ) -> HashMap<FileId, Vec<ProcessKey>> {
         let state = self.lock();
         let mut result: HashMap<FileId, Vec<ProcessKey>> = HashMap::new();
-        for file in files {
+        for (file, incarnation) in files {
             let Some(openers) = state.openers.get(file) else {
                 continue;
+            };
+            let opened_this = |member: &ProcessKey| {
+                openers.contains(member)
+                    && state.records.get(member).is_some_and(|record| {
+                        record.opened.get(file).is_some_and(|opened| {
+                            *opened == *incarnation || *opened == 0 || *incarnation == 0
+                        })
+                    })
             };
             let mut keys: Vec<ProcessKey> = state
                 .live
                 .values()
-                .filter(|key| chain(&state, **key).any(|member| openers.contains(&member)))
+                .filter(|key| chain(&state, **key).any(|member| opened_this(&member)))
                 .copied()
                 .collect();
             if !keys.is_empty() {
@@ -234,6 +262,15 @@ fn run(mut opens: OpenEvents, mut processes: ProcEvents, state: &Mutex<State>, s
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     };
     while !stop.load(Ordering::Relaxed) {
+        // Both streams are waited for together, so that neither waits for the
+        // other: an exec must be known as soon as possible (see `exec_pending`).
+        if let Err(err) =
+            vdsync_sys::wait_any_readable(&[opens.fd(), processes.fd()], Duration::from_millis(100))
+        {
+            tracing::warn!(error = %err, "open log: poll failed");
+            std::thread::sleep(Duration::from_millis(100));
+            continue;
+        }
         // Process events first: a fork read now links a child whose opens come
         // next; the exec boundary comes from the open stream itself.
         match processes.read(Duration::ZERO) {
@@ -247,7 +284,7 @@ fn run(mut opens: OpenEvents, mut processes: ProcEvents, state: &Mutex<State>, s
                 lock().incomplete = Some(format!("process events were lost ({err})"));
             }
         }
-        let batch = match opens.read(Duration::from_millis(100)) {
+        let batch = match opens.read(Duration::ZERO) {
             Ok(batch) => batch,
             Err(err) => {
                 tracing::warn!(error = %err, "open log: reading fanotify failed");
@@ -296,6 +333,10 @@ fn on_process_event(state: &mut State, event: ProcEvent) {
             if let Some(record) = state.records.get_mut(&key) {
                 record.launch = launch;
             }
+            // A new program inherits nothing from the process it was forked from,
+            // from now on. (What it opened itself is dropped at its FAN_OPEN_EXEC,
+            // which may be read earlier or later than this.)
+            unlink_parent(state, key);
         }
         ProcEvent::Exit { pid } => {
             if let Some(key) = state.live.remove(&pid) {
@@ -321,7 +362,7 @@ fn forget_if_unreferenced(state: &mut State, key: ProcessKey) {
         let Some(record) = state.records.remove(&key) else {
             return;
         };
-        for file in &record.opened {
+        for file in record.opened.keys() {
             if let Some(openers) = state.openers.get_mut(file) {
                 openers.remove(&key);
                 if openers.is_empty() {
@@ -362,7 +403,11 @@ fn on_opens(state: &mut State, batch: OpenBatch) {
             continue;
         }
         let record = state.records.entry(key).or_default();
-        if record.opened.insert(event.file) {
+        if record
+            .opened
+            .insert(event.file, event.incarnation)
+            .is_none()
+        {
             state.pairs += 1;
             state.openers.entry(event.file).or_default().insert(key);
         }
@@ -374,9 +419,8 @@ fn start_afresh(state: &mut State, key: ProcessKey) {
         return;
     };
     let opened = std::mem::take(&mut record.opened);
-    let parent = record.forked_from.take();
     state.pairs -= opened.len();
-    for file in opened {
+    for file in opened.into_keys() {
         if let Some(openers) = state.openers.get_mut(&file) {
             openers.remove(&key);
             if openers.is_empty() {
@@ -384,7 +428,15 @@ fn start_afresh(state: &mut State, key: ProcessKey) {
             }
         }
     }
-    if let Some(parent) = parent {
+    unlink_parent(state, key);
+}
+
+/// Ends `key`'s inheritance from the process it was forked from.
+fn unlink_parent(state: &mut State, key: ProcessKey) {
+    let Some(record) = state.records.get_mut(&key) else {
+        return;
+    };
+    if let Some(parent) = record.forked_from.take() {
         if let Some(parent_record) = state.records.get_mut(&parent) {
             parent_record.children = parent_record.children.saturating_sub(1);
         }
@@ -449,9 +501,18 @@ const PSEUDO_FILE_SYSTEMS: &[&str] = &[
     "rpc_pipefs",
 ];
 
-/// Mount points strictly below `root`, from /proc/self/mountinfo (fields: id,
-/// parent, major:minor, root, mount point, options, optional fields, `-`, type).
+/// Mount points strictly below `root`.
 fn mounts_below(root: &Path) -> Vec<PathBuf> {
+    mount_points()
+        .into_iter()
+        .filter(|mount_point| mount_point != root && mount_point.starts_with(root))
+        .collect()
+}
+
+/// Every mount point but those of pseudo file systems, from /proc/self/mountinfo
+/// (fields: id, parent, major:minor, root, mount point, options, optional fields,
+/// `-`, type).
+fn mount_points() -> Vec<PathBuf> {
     let Ok(text) = std::fs::read_to_string("/proc/self/mountinfo") else {
         return Vec::new();
     };
@@ -461,10 +522,7 @@ fn mounts_below(root: &Path) -> Vec<PathBuf> {
             let mount_point = PathBuf::from(unescape_mountinfo(fields.get(4)?));
             let separator = fields.iter().position(|field| *field == "-")?;
             let file_system = fields.get(separator + 1)?;
-            (mount_point != root
-                && mount_point.starts_with(root)
-                && !PSEUDO_FILE_SYSTEMS.contains(file_system))
-            .then_some(mount_point)
+            (!PSEUDO_FILE_SYSTEMS.contains(file_system)).then_some(mount_point)
         })
         .collect()
 }
@@ -491,6 +549,84 @@ fn unescape_mountinfo(field: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn entry(dir: &std::fs::File, name: &str) -> (FileId, Incarnation) {
+        use std::os::fd::AsFd;
+        use std::os::unix::fs::MetadataExt;
+        let stat = std::fs::symlink_metadata(format!("/proc/self/fd/{}/{name}", {
+            use std::os::fd::AsRawFd;
+            dir.as_raw_fd()
+        }))
+        .unwrap();
+        let file = FileId {
+            dev: stat.dev(),
+            ino: stat.ino(),
+        };
+        let incarnation = vdsync_sys::process::incarnation_of_entry(dir.as_fd(), name.as_bytes());
+        (file, incarnation)
+    }
+
+    fn openers(log: &OpenLog, (file, incarnation): (FileId, Incarnation)) -> Vec<i32> {
+        log.opened_before(&HashMap::from([(file, incarnation)]))
+            .remove(&file)
+            .unwrap_or_default()
+            .into_iter()
+            .map(|key| key.pid)
+            .collect()
+    }
+
+    #[test]
+    fn an_open_of_an_earlier_file_with_the_same_inode_number_does_not_count() {
+        use std::io::BufRead;
+        use std::process::{Command, Stdio};
+        let dir = tempfile::tempdir().unwrap();
+        let dir_file = std::fs::File::open(dir.path()).unwrap();
+        let (log, _) = OpenLog::start(dir.path()).unwrap();
+        let first = dir.path().join("first");
+        std::fs::write(&first, b"one").unwrap();
+        let mut reader = Command::new("/usr/bin/python3")
+            .args([
+                "-c",
+                "import sys; open(sys.argv[1]).read(); print('read', flush=True); sys.stdin.read()",
+            ])
+            .arg(&first)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        std::io::BufReader::new(reader.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        assert_eq!(line, "read\n");
+        let pid = reader.id() as i32;
+        let first_entry = entry(&dir_file, "first");
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while !openers(&log, first_entry).contains(&pid) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the open log did not see python open the file within 10 s"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+
+        std::fs::remove_file(&first).unwrap();
+        let reused = (0..1000)
+            .map(|attempt| format!("next-{attempt}"))
+            .find(|name| {
+                std::fs::write(dir.path().join(name), b"two").unwrap();
+                entry(&dir_file, name).0 == first_entry.0
+            })
+            .expect("no new file got the deleted file's inode in 1000 tries");
+        let second_entry = entry(&dir_file, &reused);
+        assert_ne!(second_entry.1, first_entry.1);
+        assert!(
+            !openers(&log, second_entry).contains(&pid),
+            "python opened the deleted file, not the one that now has its inode number"
+        );
+        reader.kill().unwrap();
+        reader.wait().unwrap();
+    }
 
     #[test]
     fn mountinfo_escapes_are_undone() {

@@ -21,7 +21,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 
 use serde::Serialize;
 use vdsync_proto::RepoPath;
-use vdsync_sys::process::{FileId, ProcessFiles, ProcessKey};
+use vdsync_sys::process::{FileId, Incarnation, ProcessFiles, ProcessKey};
 
 use crate::rules::{Action, Rules};
 
@@ -31,6 +31,9 @@ pub struct UpdatedFile {
     pub path: RepoPath,
     /// The file now at `path`, which processes may be using; none for a new path.
     pub current: Option<FileId>,
+    /// Which life of that inode it is, to tell it from an earlier file a process
+    /// opened that had the same inode number (0: unknown).
+    pub incarnation: Incarnation,
     /// The version removes the path instead of placing something there.
     pub removed: bool,
 }
@@ -426,6 +429,7 @@ mod tests {
                     .map(|(p, ino)| UpdatedFile {
                         path: path(p),
                         current: Some(file(*ino)),
+                        incarnation: 0,
                         removed: false,
                     })
                     .collect(),

@@ -189,34 +189,55 @@ impl Fanotify {
     pub fn handle_of(path: &Path) -> io::Result<FileHandle> {
         let c_path = CString::new(path.as_os_str().as_bytes())
             .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "path contains NUL"))?;
-        const MAX_HANDLE_SZ: usize = 128;
-        let header = std::mem::size_of::<libc::file_handle>();
-        let mut storage = vec![0u32; (header + MAX_HANDLE_SZ).div_ceil(4)];
-        let base = storage.as_mut_ptr().cast::<u8>();
-        let mut mount_id: libc::c_int = 0;
-        // SAFETY: `storage` is aligned and large enough for a handle of
-        // MAX_HANDLE_SZ bytes, announced in handle_bytes; the kernel writes within it.
-        let (handle_type, len) = unsafe {
-            let file_handle = base.cast::<libc::file_handle>();
-            (*file_handle).handle_bytes = MAX_HANDLE_SZ as u32;
-            check(libc::name_to_handle_at(
-                libc::AT_FDCWD,
-                c_path.as_ptr(),
-                file_handle,
-                &mut mount_id,
-                0,
-            ))?;
-            (
-                (*file_handle).handle_type,
-                (*file_handle).handle_bytes as usize,
-            )
-        };
-        let all = &bytemuck_u8(&storage)[header..header + len];
-        Ok(FileHandle {
-            handle_type,
-            bytes: all.to_vec(),
-        })
+        handle_at(libc::AT_FDCWD, &c_path, 0)
     }
+}
+
+/// The handle of the file `fd` refers to (any kind of descriptor, `O_PATH` too).
+pub fn handle_of_fd(fd: BorrowedFd<'_>) -> io::Result<FileHandle> {
+    handle_at(fd.as_raw_fd(), c"", libc::AT_EMPTY_PATH)
+}
+
+/// The handle of `name` in the directory `dir`, not following a final symlink.
+pub fn handle_of_entry(dir: BorrowedFd<'_>, name: &[u8]) -> io::Result<FileHandle> {
+    let c_name = CString::new(name)
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "name contains NUL"))?;
+    handle_at(dir.as_raw_fd(), &c_name, 0)
+}
+
+fn handle_at(
+    dir: libc::c_int,
+    path: &std::ffi::CStr,
+    flags: libc::c_int,
+) -> io::Result<FileHandle> {
+    const MAX_HANDLE_SZ: usize = 128;
+    let header = std::mem::size_of::<libc::file_handle>();
+    let mut storage = vec![0u32; (header + MAX_HANDLE_SZ).div_ceil(4)];
+    let base = storage.as_mut_ptr().cast::<u8>();
+    let mut mount_id: libc::c_int = 0;
+    // SAFETY: `storage` is aligned and large enough for a handle of MAX_HANDLE_SZ
+    // bytes, announced in handle_bytes; the kernel writes within it. `path` is a
+    // NUL-terminated string that outlives the call.
+    let (handle_type, len) = unsafe {
+        let file_handle = base.cast::<libc::file_handle>();
+        (*file_handle).handle_bytes = MAX_HANDLE_SZ as u32;
+        check(libc::name_to_handle_at(
+            dir,
+            path.as_ptr(),
+            file_handle,
+            &mut mount_id,
+            flags,
+        ))?;
+        (
+            (*file_handle).handle_type,
+            (*file_handle).handle_bytes as usize,
+        )
+    };
+    let all = &bytemuck_u8(&storage)[header..header + len];
+    Ok(FileHandle {
+        handle_type,
+        bytes: all.to_vec(),
+    })
 }
 
 fn bytemuck_u8(words: &[u32]) -> &[u8] {

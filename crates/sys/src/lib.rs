@@ -355,10 +355,16 @@ pub fn data_segments(file: &File, size: u64) -> io::Result<Option<Vec<(u64, u64)
 
 /// Waits up to `timeout` for `fd` to become readable; false on timeout or signal.
 pub fn wait_readable(fd: BorrowedFd<'_>, timeout: std::time::Duration) -> io::Result<bool> {
-    let mut poll = [rustix::event::PollFd::new(
-        &fd,
-        rustix::event::PollFlags::IN,
-    )];
+    wait_any_readable(&[fd], timeout)
+}
+
+/// Waits up to `timeout` for any of `fds` to become readable; false on timeout or
+/// on a signal.
+pub fn wait_any_readable(fds: &[BorrowedFd<'_>], timeout: std::time::Duration) -> io::Result<bool> {
+    let mut poll: Vec<rustix::event::PollFd<'_>> = fds
+        .iter()
+        .map(|fd| rustix::event::PollFd::new(fd, rustix::event::PollFlags::IN))
+        .collect();
     let timespec = rustix::event::Timespec {
         tv_sec: timeout.as_secs() as _,
         tv_nsec: timeout.subsec_nanos() as _,

@@ -29,6 +29,8 @@ use crate::process::FileId;
 pub struct OpenEvent {
     pub pid: i32,
     pub file: FileId,
+    /// Which life of the inode was opened (see [`crate::process::Incarnation`]).
+    pub incarnation: crate::process::Incarnation,
     /// Opened for execution (FAN_OPEN_EXEC).
     pub exec: bool,
 }
@@ -52,8 +54,10 @@ pub struct OpenEvents {
     /// The group reports a failed open as a negative errno in the event's `fd`
     /// (`FAN_REPORT_FD_ERROR`, Linux 6.13) instead of failing the read.
     reports_fd_errors: bool,
-    /// File systems marked so far (by device).
+    /// File systems marked for every open so far (by device).
     marked_devices: HashSet<u64>,
+    /// File systems marked for executions only.
+    exec_only_devices: HashSet<u64>,
 }
 
 /// `FAN_REPORT_FD_ERROR` from linux/fanotify.h (6.13), missing from libc. Without
@@ -97,6 +101,7 @@ impl OpenEvents {
             own_pid: std::process::id() as i32,
             reports_fd_errors,
             marked_devices: HashSet::new(),
+            exec_only_devices: HashSet::new(),
         };
         for path in paths {
             events.also_watch(path)?;
@@ -106,10 +111,25 @@ impl OpenEvents {
 
     /// Marks the file system holding `path` too; false if it was already marked.
     pub fn also_watch(&mut self, path: &Path) -> io::Result<bool> {
+        self.mark(path, libc::FAN_OPEN | libc::FAN_OPEN_EXEC)
+    }
+
+    /// Marks the file system holding `path` for executions only (`FAN_OPEN_EXEC`):
+    /// every exec is then seen, whichever file system the program is on, while
+    /// plain opens are reported only where [`OpenEvents::also_watch`] asked.
+    pub fn also_watch_execs(&mut self, path: &Path) -> io::Result<bool> {
+        self.mark(path, libc::FAN_OPEN_EXEC)
+    }
+
+    fn mark(&mut self, path: &Path, mask: u64) -> io::Result<bool> {
         // Two paths on one file system would add the same mark twice: harmless,
-        // but a wasted call.
+        // but a wasted call. A file system marked for every open is marked for
+        // executions too.
         let device = rustix::fs::stat(path)?.st_dev;
-        if self.marked_devices.contains(&device) {
+        let opens = mask & libc::FAN_OPEN != 0;
+        if self.marked_devices.contains(&device)
+            || (!opens && self.exec_only_devices.contains(&device))
+        {
             return Ok(false);
         }
         let c_path = CString::new(path.as_os_str().as_bytes())
@@ -120,12 +140,16 @@ impl OpenEvents {
             libc::fanotify_mark(
                 self.group.as_raw_fd(),
                 libc::FAN_MARK_ADD | libc::FAN_MARK_FILESYSTEM,
-                libc::FAN_OPEN | libc::FAN_OPEN_EXEC,
+                mask,
                 libc::AT_FDCWD,
                 c_path.as_ptr(),
             )
         })?;
-        self.marked_devices.insert(device);
+        if opens {
+            self.marked_devices.insert(device);
+        } else {
+            self.exec_only_devices.insert(device);
+        }
         Ok(true)
     }
 
@@ -212,6 +236,7 @@ impl OpenEvents {
                     dev: stat.st_dev,
                     ino: stat.st_ino,
                 },
+                incarnation: crate::process::incarnation_of_fd(descriptor.as_fd()),
                 exec: record.mask & libc::FAN_OPEN_EXEC != 0,
             });
         }

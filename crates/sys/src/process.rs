@@ -30,7 +30,7 @@ use std::collections::{BTreeSet, HashSet};
 use std::ffi::{CString, OsStr};
 use std::fs::File;
 use std::io::{self, Read};
-use std::os::fd::OwnedFd;
+use std::os::fd::{BorrowedFd, OwnedFd};
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -59,6 +59,30 @@ impl FileId {
             ino: stat.st_ino,
         }
     }
+}
+
+/// Which life of an inode a descriptor or directory entry refers to, for telling a
+/// file from an earlier, deleted one that had the same inode number: a hash of its
+/// file handle, which on file systems that hand out handles (ext4, xfs, btrfs,
+/// tmpfs) includes the inode's generation. 0 means unknown (no handles there).
+pub type Incarnation = u64;
+
+/// The [`Incarnation`] of the file `fd` refers to.
+pub fn incarnation_of_fd(fd: BorrowedFd<'_>) -> Incarnation {
+    crate::fanotify::handle_of_fd(fd).map_or(0, |handle| incarnation(&handle))
+}
+
+/// The [`Incarnation`] of `name` in `dir` (a final symlink is not followed).
+pub fn incarnation_of_entry(dir: BorrowedFd<'_>, name: &[u8]) -> Incarnation {
+    crate::fanotify::handle_of_entry(dir, name).map_or(0, |handle| incarnation(&handle))
+}
+
+fn incarnation(handle: &crate::fanotify::FileHandle) -> Incarnation {
+    use std::hash::{Hash, Hasher};
+    // SipHash with fixed keys: the same handle gives the same value in every run.
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    handle.hash(&mut hasher);
+    hasher.finish().max(1)
 }
 
 /// A process identity that a reused pid never matches: pid plus start time (clock
@@ -1036,6 +1060,36 @@ fn check(result: libc::c_int) -> io::Result<()> {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn a_file_that_gets_a_deleted_files_inode_has_another_incarnation() {
+        use std::os::fd::AsFd;
+        use std::os::unix::fs::MetadataExt;
+        let dir = tempfile::tempdir().unwrap();
+        let dir_fd = std::fs::File::open(dir.path()).unwrap();
+        let first = dir.path().join("first");
+        std::fs::write(&first, b"one").unwrap();
+        let inode = std::fs::metadata(&first).unwrap().ino();
+        let before = super::incarnation_of_entry(dir_fd.as_fd(), b"first");
+        let opened = std::fs::File::open(&first).unwrap();
+        assert_ne!(before, 0, "this file system gives no file handles");
+        assert_eq!(super::incarnation_of_fd(opened.as_fd()), before);
+        drop(opened);
+        std::fs::remove_file(&first).unwrap();
+        // ext4 hands a freed inode to the next file created in the same group.
+        let reused = (0..1000).find_map(|attempt| {
+            let name = format!("next-{attempt}");
+            std::fs::write(dir.path().join(&name), b"two").unwrap();
+            (std::fs::metadata(dir.path().join(&name)).unwrap().ino() == inode).then_some(name)
+        });
+        let name = reused.expect("no new file got the deleted file's inode in 1000 tries");
+        let after = super::incarnation_of_entry(dir_fd.as_fd(), name.as_bytes());
+        assert_ne!(after, 0);
+        assert_ne!(
+            after, before,
+            "same inode number, other file: incarnations must differ"
+        );
+    }
 
     #[test]
     fn maps_and_status_text_are_read_for_the_needed_columns() {
