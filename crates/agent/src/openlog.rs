@@ -111,14 +111,14 @@ impl OpenLog {
     pub fn start(root: &Path) -> std::io::Result<(OpenLog, Vec<(PathBuf, String)>)> {
         let mut opens = OpenEvents::watch_filesystems(&[root])?;
         let mut unwatched = Vec::new();
-        for mount in mounts_below(root) {
+        for mount in vdsync_sys::mounts::mounts_below(root) {
             if let Err(err) = opens.also_watch(&mount) {
                 unwatched.push((mount, err.to_string()));
             }
         }
         // Executions everywhere else too: a process running a program from another
         // file system must not keep inheriting what its parent opened.
-        for mount in mount_points() {
+        for mount in vdsync_sys::mounts::mount_points() {
             if let Err(err) = opens.also_watch_execs(&mount) {
                 tracing::debug!(mount = %mount.display(), error = %err, "open log: executions there are not seen");
             }
@@ -478,74 +478,6 @@ fn descends_by_proc(pid: i32, ancestor: i32) -> bool {
     false
 }
 
-/// File systems that hold no files a version could replace.
-const PSEUDO_FILE_SYSTEMS: &[&str] = &[
-    "proc",
-    "sysfs",
-    "cgroup",
-    "cgroup2",
-    "devpts",
-    "mqueue",
-    "debugfs",
-    "tracefs",
-    "securityfs",
-    "pstore",
-    "bpf",
-    "autofs",
-    "fusectl",
-    "configfs",
-    "binfmt_misc",
-    "hugetlbfs",
-    "efivarfs",
-    "nsfs",
-    "rpc_pipefs",
-];
-
-/// Mount points strictly below `root`.
-fn mounts_below(root: &Path) -> Vec<PathBuf> {
-    mount_points()
-        .into_iter()
-        .filter(|mount_point| mount_point != root && mount_point.starts_with(root))
-        .collect()
-}
-
-/// Every mount point but those of pseudo file systems, from /proc/self/mountinfo
-/// (fields: id, parent, major:minor, root, mount point, options, optional fields,
-/// `-`, type).
-fn mount_points() -> Vec<PathBuf> {
-    let Ok(text) = std::fs::read_to_string("/proc/self/mountinfo") else {
-        return Vec::new();
-    };
-    text.lines()
-        .filter_map(|line| {
-            let fields: Vec<&str> = line.split(' ').collect();
-            let mount_point = PathBuf::from(unescape_mountinfo(fields.get(4)?));
-            let separator = fields.iter().position(|field| *field == "-")?;
-            let file_system = fields.get(separator + 1)?;
-            (!PSEUDO_FILE_SYSTEMS.contains(file_system)).then_some(mount_point)
-        })
-        .collect()
-}
-
-/// mountinfo escapes space, tab, newline and backslash as `\ooo` (octal).
-fn unescape_mountinfo(field: &str) -> String {
-    let bytes = field.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut index = 0;
-    while index < bytes.len() {
-        if bytes[index] == b'\\' && index + 3 < bytes.len() {
-            if let Ok(value) = u8::from_str_radix(&field[index + 1..index + 4], 8) {
-                out.push(value);
-                index += 4;
-                continue;
-            }
-        }
-        out.push(bytes[index]);
-        index += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -626,23 +558,5 @@ mod tests {
         );
         reader.kill().unwrap();
         reader.wait().unwrap();
-    }
-
-    #[test]
-    fn mountinfo_escapes_are_undone() {
-        assert_eq!(unescape_mountinfo("/mnt/a\\040b"), "/mnt/a b");
-        assert_eq!(unescape_mountinfo("/plain"), "/plain");
-        assert_eq!(unescape_mountinfo("/end\\"), "/end\\");
-    }
-
-    #[test]
-    fn mounts_below_the_root_leave_out_pseudo_file_systems() {
-        let below_root = mounts_below(Path::new("/"));
-        assert!(
-            !below_root.contains(&PathBuf::from("/proc")),
-            "{below_root:?}"
-        );
-        assert!(!below_root.contains(&PathBuf::from("/")), "{below_root:?}");
-        assert!(mounts_below(Path::new("/proc")).is_empty());
     }
 }

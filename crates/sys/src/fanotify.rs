@@ -10,6 +10,7 @@
 //! The `nix` crate's fanotify drops the info records, so this speaks to the kernel
 //! through `libc` directly; parsing the event buffer is safe code over bytes.
 
+use std::collections::HashMap;
 use std::ffi::{CString, OsStr};
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
@@ -58,8 +59,30 @@ pub enum NameRole {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DirEntryName {
     pub role: NameRole,
+    /// The file system the directory is on (as `statfs` reports it): handles are
+    /// only unique within one.
+    pub fsid: Fsid,
     pub dir: FileHandle,
     pub name: Vec<u8>,
+}
+
+/// A file system's id as `statfs` and fanotify report it (`f_fsid`).
+pub type Fsid = u64;
+
+/// The id of the file system holding `path`.
+pub fn fsid_of(path: &Path) -> io::Result<Fsid> {
+    let stat = rustix::fs::statfs(path)?;
+    // SAFETY: fsid_t is two ints (`__val`, private in libc), 8 bytes with no padding.
+    let words: [i32; 2] = unsafe { std::mem::transmute(stat.f_fsid) };
+    Ok(fsid_from_words(words))
+}
+
+/// The kernel's 8 fsid bytes, read the way an event carries them.
+fn fsid_from_words(words: [i32; 2]) -> Fsid {
+    let mut bytes = [0u8; 8];
+    bytes[..4].copy_from_slice(&words[0].to_ne_bytes());
+    bytes[4..].copy_from_slice(&words[1].to_ne_bytes());
+    u64::from_ne_bytes(bytes)
 }
 
 /// One event as read from the kernel.
@@ -83,8 +106,9 @@ impl Event {
 /// A fanotify group reporting directory handles and names.
 pub struct Fanotify {
     fd: OwnedFd,
-    /// Any descriptor on the watched file system, for `open_by_handle_at`.
-    mount: OwnedFd,
+    /// A directory on each watched file system, by file system id, for
+    /// `open_by_handle_at`.
+    mounts: HashMap<Fsid, OwnedFd>,
     buffer: Vec<u8>,
 }
 
@@ -106,13 +130,30 @@ impl Fanotify {
         let raw = check(unsafe { libc::fanotify_init(flags, libc::O_RDONLY as libc::c_uint) })?;
         // SAFETY: `raw` is a descriptor we own from here on.
         let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+        let mut group = Fanotify {
+            fd,
+            mounts: HashMap::new(),
+            buffer: vec![0u8; 256 * 1024],
+        };
+        group.also_watch(path)?;
+        Ok(group)
+    }
+
+    /// Marks the whole file system holding the directory `path` too (a mount below
+    /// the root); false if it was marked already. Fails like
+    /// [`Fanotify::watch_filesystem`].
+    pub fn also_watch(&mut self, path: &Path) -> io::Result<bool> {
+        let fsid = fsid_of(path)?;
+        if self.mounts.contains_key(&fsid) {
+            return Ok(false);
+        }
         let c_path = CString::new(path.as_os_str().as_bytes())
             .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "path contains NUL"))?;
         // SAFETY: `fd` is a fanotify group, `c_path` is a NUL-terminated path that
         // outlives the call.
         check(unsafe {
             libc::fanotify_mark(
-                fd.as_raw_fd(),
+                self.fd.as_raw_fd(),
                 libc::FAN_MARK_ADD | libc::FAN_MARK_FILESYSTEM,
                 TRACKED_EVENTS,
                 libc::AT_FDCWD,
@@ -126,11 +167,13 @@ impl Fanotify {
                 | rustix::fs::OFlags::CLOEXEC,
             rustix::fs::Mode::empty(),
         )?;
-        Ok(Fanotify {
-            fd,
-            mount,
-            buffer: vec![0u8; 256 * 1024],
-        })
+        self.mounts.insert(fsid, mount);
+        Ok(true)
+    }
+
+    /// How many file systems are marked.
+    pub fn file_systems(&self) -> usize {
+        self.mounts.len()
     }
 
     pub fn fd(&self) -> BorrowedFd<'_> {
@@ -151,9 +194,15 @@ impl Fanotify {
         parse_events(&self.buffer[..n])
     }
 
-    /// The current path of the directory behind `handle`. Fails (ESTALE) once the
-    /// directory is gone, which is why callers cache what they resolved.
-    pub fn resolve(&self, handle: &FileHandle) -> io::Result<PathBuf> {
+    /// The current path of the directory behind `handle` on the file system
+    /// `fsid`. Fails (ESTALE) once the directory is gone, which is why callers cache
+    /// what they resolved.
+    pub fn resolve(&self, fsid: Fsid, handle: &FileHandle) -> io::Result<PathBuf> {
+        let mount = self.mounts.get(&fsid).ok_or_else(|| {
+            io::Error::other(format!(
+                "an event names file system {fsid:#x}, which is not watched"
+            ))
+        })?;
         let header = std::mem::size_of::<libc::file_handle>();
         // u32-aligned storage for `struct file_handle` followed by its bytes.
         let mut storage = vec![0u32; (header + handle.bytes.len()).div_ceil(4)];
@@ -172,7 +221,7 @@ impl Fanotify {
                 handle.bytes.len(),
             );
             libc::open_by_handle_at(
-                self.mount.as_raw_fd(),
+                mount.as_raw_fd(),
                 file_handle,
                 libc::O_PATH | libc::O_CLOEXEC,
             )
@@ -325,6 +374,7 @@ pub fn parse_events(buffer: &[u8]) -> io::Result<Vec<Event>> {
                     .unwrap_or(name_area.len());
                 names.push(DirEntryName {
                     role,
+                    fsid: u64_at(record, 4).ok_or_else(|| malformed("fsid"))?,
                     dir: FileHandle {
                         handle_type,
                         bytes: handle.to_vec(),
@@ -466,12 +516,14 @@ mod tests {
             .find(|n| n.role == NameRole::New)
             .unwrap();
         assert_eq!(new.name, b"b");
+        let fsid = fsid_of(temp.path()).unwrap();
+        assert_eq!(new.fsid, fsid, "the event's fsid is the one statfs reports");
         assert_eq!(
-            group.resolve(&new.dir).unwrap(),
+            group.resolve(new.fsid, &new.dir).unwrap(),
             temp.path().canonicalize().unwrap()
         );
         assert_eq!(
-            group.resolve(&sub_handle).unwrap(),
+            group.resolve(fsid, &sub_handle).unwrap(),
             dir.canonicalize().unwrap()
         );
     }

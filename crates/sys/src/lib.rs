@@ -11,6 +11,7 @@
 
 pub mod fanotify;
 pub mod inotify;
+pub mod mounts;
 pub mod open_events;
 pub mod proc_events;
 pub mod process;

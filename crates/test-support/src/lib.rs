@@ -432,3 +432,62 @@ pub fn copy_executable(from: &Path, to: &Path) {
         to.display()
     );
 }
+
+/// A file system mounted for a test, lazily unmounted when dropped (a process
+/// that still holds a descriptor on it does not make the unmount fail).
+pub struct Mount {
+    pub path: PathBuf,
+}
+
+impl Mount {
+    /// A fresh ext4 file system of `megabytes` in the image file `image`, mounted
+    /// through a loop device at `at` (created if missing).
+    pub fn ext4_image(image: &Path, megabytes: u32, at: &Path) -> Mount {
+        run_ok(
+            Command::new("mkfs.ext4")
+                .args(["-q", "-F", "-E", "root_owner=0:0"])
+                .arg(image)
+                .arg(format!("{megabytes}M")),
+        );
+        std::fs::create_dir_all(at).unwrap_or_else(|err| panic!("mkdir {}: {err}", at.display()));
+        run_ok(
+            Command::new("mount")
+                .args(["-o", "loop"])
+                .arg(image)
+                .arg(at),
+        );
+        Mount {
+            path: at.to_path_buf(),
+        }
+    }
+
+    /// A tmpfs mounted at `at` (created if missing).
+    pub fn tmpfs(at: &Path) -> Mount {
+        std::fs::create_dir_all(at).unwrap_or_else(|err| panic!("mkdir {}: {err}", at.display()));
+        run_ok(
+            Command::new("mount")
+                .args(["-t", "tmpfs", "-o", "size=64m", "vdsync-test"])
+                .arg(at),
+        );
+        Mount {
+            path: at.to_path_buf(),
+        }
+    }
+}
+
+impl Drop for Mount {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.path).status();
+    }
+}
+
+fn run_ok(command: &mut Command) {
+    let output = command
+        .output()
+        .unwrap_or_else(|err| panic!("cannot run {command:?}: {err}"));
+    assert!(
+        output.status.success(),
+        "{command:?} failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+}

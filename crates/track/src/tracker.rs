@@ -1,8 +1,10 @@
 //! `vdsync track`: turns kernel change events under the root into journal marks.
 //!
 //! One fanotify group marks the whole file system holding the root
-//! (`FAN_MARK_FILESYSTEM`, `FAN_REPORT_DFID_NAME`), so starting costs the same for any
-//! tree size. Events name (directory handle, entry name); directory handles resolve
+//! (`FAN_MARK_FILESYSTEM`, `FAN_REPORT_DFID_NAME`), and every file system mounted
+//! below it that is not excluded, so starting costs the same for any tree size. A
+//! mount below the root that fanotify cannot watch makes the tracker fall back to
+//! inotify for the whole root (it says why). Events name (directory handle, entry name); directory handles resolve
 //! to paths through `open_by_handle_at`, cached because resolution fails once a
 //! directory is deleted. The cache is dropped whenever a directory is renamed, since
 //! every cached path below it is then stale. Events outside the root, in excluded
@@ -34,7 +36,7 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 use vdsync_proto::RepoPath;
-use vdsync_sys::fanotify::{self, Fanotify, FileHandle, NameRole};
+use vdsync_sys::fanotify::{self, Fanotify, FileHandle, Fsid, NameRole};
 use vdsync_sys::inotify::RecursiveInotify;
 
 use crate::changes::{IndexPatch, IndexView, JournalLookups};
@@ -426,7 +428,8 @@ enum Watcher {
     Fanotify {
         group: Fanotify,
         resolver: Resolver,
-        state_handle: FileHandle,
+        /// The state directory as events name it (file system, handle).
+        state_handle: (Fsid, FileHandle),
     },
     Inotify {
         inotify: RecursiveInotify,
@@ -447,10 +450,28 @@ impl Watcher {
             source,
         };
         let fanotify = || -> std::io::Result<Watcher> {
+            let mut group = Fanotify::watch_filesystem(root)?;
+            // Every file system mounted below the root that is not excluded, and
+            // the state directory's (for the fence files).
+            for mount in vdsync_sys::mounts::mounts_below(root) {
+                if relative_to(root, state_dir, excludes, &mount).is_none() {
+                    continue;
+                }
+                group.also_watch(&mount).map_err(|err| {
+                    std::io::Error::new(
+                        err.kind(),
+                        format!("the file system mounted at {}: {err}", mount.display()),
+                    )
+                })?;
+            }
+            group.also_watch(state_dir)?;
             Ok(Watcher::Fanotify {
-                group: Fanotify::watch_filesystem(root)?,
+                group,
                 resolver: Resolver::default(),
-                state_handle: Fanotify::handle_of(state_dir)?,
+                state_handle: (
+                    fanotify::fsid_of(state_dir)?,
+                    Fanotify::handle_of(state_dir)?,
+                ),
             })
         };
         let inotify = |fallback_reason: Option<String>| -> std::io::Result<Watcher> {
@@ -483,6 +504,10 @@ impl Watcher {
 
     fn description(&self) -> String {
         match self {
+            Watcher::Fanotify { group, .. } if group.file_systems() > 1 => format!(
+                "fanotify, {} whole file systems (mounts below the root included)",
+                group.file_systems()
+            ),
             Watcher::Fanotify { .. } => "fanotify, whole file system".to_owned(),
             Watcher::Inotify {
                 inotify,
@@ -570,21 +595,21 @@ impl Watcher {
 }
 
 /// The fence number if `event` creates one of our fence files.
-fn fanotify_fence(event: &fanotify::Event, state_handle: &FileHandle) -> Option<u64> {
+fn fanotify_fence(event: &fanotify::Event, state_handle: &(Fsid, FileHandle)) -> Option<u64> {
     if event.mask & fanotify::FAN_CREATE == 0 {
         return None;
     }
     event
         .names
         .iter()
-        .filter(|name| name.dir == *state_handle)
+        .filter(|name| name.fsid == state_handle.0 && name.dir == state_handle.1)
         .find_map(|name| fence_number(&name.name))
 }
 
 /// Resolves fanotify directory handles to paths, with a cache.
 #[derive(Default)]
 struct Resolver {
-    cache: HashMap<FileHandle, PathBuf>,
+    cache: HashMap<(Fsid, FileHandle), PathBuf>,
 }
 
 impl Resolver {
@@ -605,16 +630,17 @@ impl Resolver {
                     | fanotify::FAN_MOVE_SELF)
                 != 0;
         for name in &event.names {
-            let directory = match self.cache.get(&name.dir) {
+            let key = (name.fsid, name.dir.clone());
+            let directory = match self.cache.get(&key) {
                 Some(path) => path.clone(),
-                None => match group.resolve(&name.dir) {
+                None => match group.resolve(name.fsid, &name.dir) {
                     Ok(path) => {
                         if self.cache.len() >= RESOLVER_CACHE_LIMIT {
                             // Resolving again is correct, only slower: start over
                             // rather than let the cache grow with the file system.
                             self.cache.clear();
                         }
-                        self.cache.insert(name.dir.clone(), path.clone());
+                        self.cache.insert(key, path.clone());
                         path
                     }
                     // The directory was deleted before we read the event. Nothing is

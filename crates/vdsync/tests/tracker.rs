@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
 use vdsync_test_support::{
-    assert_trees_equal, describe_tree, tempdir, GroupChild, TestRepo, Vdsync,
+    assert_trees_equal, describe_tree, tempdir, GroupChild, Mount, TestRepo, Vdsync,
 };
 
 fn vdsync() -> Vdsync {
@@ -426,6 +426,47 @@ fn changes_while_the_tracker_was_down_are_found_after_its_restart(watcher: Watch
 }
 
 /// Runs each scenario once per watcher.
+fn file_systems_mounted_below_the_root_are_tracked(watcher: Watcher) {
+    let mut mounts = Vec::new();
+    let lab = Lab::new(watcher, |dev| {
+        let dir = dev.parent().unwrap();
+        mounts.push(Mount::ext4_image(
+            &dir.join("data.img"),
+            16,
+            &dev.join("data"),
+        ));
+        std::fs::write(dev.join("data/kept"), "v0").unwrap();
+        // The state directory (where the fence files are) on a file system of its own.
+        mounts.push(Mount::tmpfs(&dir.join("state")));
+    });
+    // Unmounted before the lab removes its directory.
+    let _mounts = mounts;
+    if matches!(watcher, Watcher::Fanotify) {
+        assert!(
+            lab.tracker_said
+                .contains("3 whole file systems (mounts below the root included)"),
+            "{}",
+            lab.tracker_said
+        );
+    }
+    std::fs::write(lab.dev.join("data/kept"), "v1").unwrap();
+    std::fs::create_dir(lab.dev.join("data/sub")).unwrap();
+    std::fs::write(lab.dev.join("data/sub/new"), "fresh").unwrap();
+    std::fs::write(lab.dev.join("top"), "on the root's file system").unwrap();
+    assert_eq!(
+        lab.status(),
+        pairs(&[
+            ("modified", "data/kept"),
+            ("new", "data/sub"),
+            ("new", "data/sub/new"),
+            ("new", "top"),
+        ])
+    );
+    let pushed = lab.push();
+    assert_eq!(pushed["source"]["mode"], "journal", "{pushed}");
+    lab.agent_matches_dev();
+}
+
 macro_rules! for_each_watcher {
     ($($scenario:ident),* $(,)?) => {
         mod fanotify {
@@ -446,6 +487,7 @@ for_each_watcher!(
     the_index_passes_between_the_tracker_and_full_scans,
     queue_overflow_marks_the_whole_root_for_rescan,
     changes_while_the_tracker_was_down_are_found_after_its_restart,
+    file_systems_mounted_below_the_root_are_tracked,
 );
 
 #[test]
