@@ -198,13 +198,20 @@ fn apply_one(
             );
             plan
         });
+        let staging = std::time::Instant::now();
         let prepared = applier.prepare(version, &changeset, client);
+        tracing::debug!(
+            version,
+            ms = staging.elapsed().as_secs_f64() * 1000.0,
+            "staged"
+        );
         (prepared, planner.join())
     });
     let prepared = prepared?;
     let plan = plan.unwrap_or_else(|panic| std::panic::resume_unwind(panic));
     let pending = processes.stop(version, &plan)?;
     let committed = applier.commit(prepared);
+    tracing::debug!(version, "committed");
     // Whatever happened to the tree, what was stopped is started again.
     let outcomes = processes.finish(pending, &|path| applier.file_at(path))?;
     let mut applied = committed?;

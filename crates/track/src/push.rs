@@ -232,11 +232,13 @@ fn push_once(
     let (index, snapshot) = match start.kind {
         StartKind::Tracked(request) => {
             let (snapshot, view) = request.answer()?;
+            tracing::debug!(marks = snapshot.marks.len(), "push: the tracker answered");
             if let (Some(view), None) = (view, &snapshot.root) {
                 let parent = view.version;
                 if let Some(changes) =
                     collect_from_journal(options.root, options.excludes, &view, &snapshot, parent)?
                 {
+                    tracing::debug!("push: changes read from the journal's paths");
                     return send(client, options, IndexHandle::Tracker, changes, parent);
                 }
             }
@@ -366,6 +368,10 @@ fn send(
             }
             Err(err) => return Err(err),
         };
+    tracing::debug!(
+        version = committed.version,
+        "push: the repository committed"
+    );
     report.bytes_sent += sent;
     report.blobs_sent = missing.len() as u64;
     if let Some(progress) = &options.progress {
@@ -378,6 +384,7 @@ fn send(
         changes.journal_sequence,
         Some(committed.version),
     )?;
+    tracing::debug!("push: the index and the journal recorded it");
     report.version = Some(committed.version);
     Ok(report)
 }

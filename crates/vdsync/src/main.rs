@@ -427,6 +427,7 @@ fn push(args: PushArgs) -> Result<()> {
     if !args.root.is_dir() {
         bail!("--root {} is not a directory", args.root.display());
     }
+    tracing::debug!("push: started");
     // First, so that the tracker's fence and opening the index overlap what follows.
     let start = vdsync_track::PushStart::begin(&args.state, args.rescan)?;
     let excludes = excludes_for(&args.excludes, &args.root, Some(&args.state))?;
