@@ -55,6 +55,15 @@ pub trait BlobSource {
     ) -> Result<u64, ApplyError>;
 }
 
+/// Whether a roll-forward is the first for its journal or a re-run after a crash.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Run {
+    First,
+    /// What the first run did may not be durable: a re-run syncs the whole file
+    /// system rather than only what it touched itself.
+    Again,
+}
+
 /// Up to this many entries and removals, a version is made durable by fsyncing
 /// each file and directory it touched instead of `syncfs`: syncfs also writes out
 /// every other dirty page on the file system (a build, a database), which can take
@@ -240,7 +249,7 @@ impl Applier {
             return Ok(None);
         }
         let started = Instant::now();
-        let mut applied = self.roll_forward(&journal)?;
+        let mut applied = self.roll_forward(&journal, Run::Again)?;
         applied.recovered = true;
         applied.duration_ms = started.elapsed().as_millis() as u64;
         Ok(Some(applied))
@@ -309,7 +318,7 @@ impl Applier {
         })?;
         vdsync_sys::write_atomic(&self.journal_path(), &bytes)
             .map_err(io_at(self.journal_path(), "write"))?;
-        let mut applied = self.roll_forward(&journal)?;
+        let mut applied = self.roll_forward(&journal, Run::First)?;
         applied.duration_ms = prepared.started.elapsed().as_millis() as u64;
         Ok(applied)
     }
@@ -508,23 +517,31 @@ impl Applier {
     }
 
     /// Phase 3, idempotent: may run any number of times for the same journal.
-    fn roll_forward(&self, journal: &Journal) -> Result<Applied, ApplyError> {
+    fn roll_forward(&self, journal: &Journal, run: Run) -> Result<Applied, ApplyError> {
         let changeset = &journal.changeset;
         let stage_dir = File::open(&journal.stage).map_err(io_at(&journal.stage, "open"))?;
         let stage_fd = stage_dir.as_fd();
         let trash = self.trash_dir();
-        std::fs::create_dir_all(&trash).map_err(io_at(&trash, "create"))?;
-        let trash_dir = File::open(&trash).map_err(io_at(&trash, "open"))?;
+        // Created when something is first discarded.
+        let mut trash_dir: Option<File> = None;
         // Trash names only need to be unique; a re-run after a crash finds the
         // earlier run's names taken and moves on (NOREPLACE), never overwriting them.
         let mut trash_counter = 0usize;
         let mut discard =
             |dir: BorrowedFd<'_>, name: &[u8], path: &RepoPath| -> Result<(), ApplyError> {
+                let trash_file = match trash_dir.take() {
+                    Some(file) => file,
+                    None => {
+                        std::fs::create_dir_all(&trash).map_err(io_at(&trash, "create"))?;
+                        File::open(&trash).map_err(io_at(&trash, "open"))?
+                    }
+                };
+                let trash_file: &File = trash_dir.insert(trash_file);
+                let trash_fd = trash_file.as_fd();
                 loop {
                     trash_counter += 1;
                     let trash_name = format!("{}-{trash_counter}", journal.version).into_bytes();
-                    let moved =
-                        vdsync_sys::rename_noreplace_at(dir, name, trash_dir.as_fd(), &trash_name);
+                    let moved = vdsync_sys::rename_noreplace_at(dir, name, trash_fd, &trash_name);
                     return match moved.as_ref().map_err(vdsync_sys::errno) {
                         Ok(()) => Ok(()),
                         Err(Some(Errno::EXIST)) => continue,
@@ -552,6 +569,8 @@ impl Applier {
         }
 
         let mut files = 0u64;
+        // Directories this run made: their parents' entries must be made durable.
+        let mut created: Vec<&RepoPath> = Vec::new();
         for (index, item) in changeset.entries.iter().enumerate() {
             let path = &item.path;
             let parent = self
@@ -568,9 +587,13 @@ impl Applier {
                         discard(parent_fd, leaf, path)?;
                         vdsync_sys::mkdir_at(parent_fd, leaf, 0o700)
                             .map_err(tree_io(path, "mkdir"))?;
+                        created.push(path);
                     }
-                    None => vdsync_sys::mkdir_at(parent_fd, leaf, 0o700)
-                        .map_err(tree_io(path, "mkdir"))?,
+                    None => {
+                        vdsync_sys::mkdir_at(parent_fd, leaf, 0o700)
+                            .map_err(tree_io(path, "mkdir"))?;
+                        created.push(path);
+                    }
                 }
                 let dir =
                     vdsync_sys::open_child_dir(parent_fd, leaf).map_err(tree_io(path, "open"))?;
@@ -616,6 +639,7 @@ impl Applier {
             }
         }
 
+        let fsync_each = small(changeset) && run == Run::First;
         // `applied` is written before the sync that makes the renames durable, so
         // one sync covers both. That is safe: while the journal exists a restart
         // rolls forward first, whatever `applied` says.
@@ -626,20 +650,28 @@ impl Applier {
             let mut file = File::create(&temporary).map_err(io_at(&applied_path, "write"))?;
             file.write_all(format!("{}\n", journal.version).as_bytes())
                 .map_err(io_at(&applied_path, "write"))?;
-            if small(changeset) {
+            if fsync_each {
                 // No syncfs below to carry the content.
                 file.sync_data().map_err(io_at(&applied_path, "fsync"))?;
             }
         }
         std::fs::rename(&temporary, &applied_path).map_err(io_at(&applied_path, "write"))?;
-        if small(changeset) {
+        if fsync_each {
             // Every directory whose entries or metadata this version changed: the
-            // parents of removed and placed paths, placed directories, the trash
-            // and the state directory (`applied`).
+            // parents of removed paths, of placed non-directories and of created
+            // directories, every placed directory (its metadata), the trash if
+            // something went there, and the state directory (`applied`).
             let mut directories: std::collections::BTreeSet<Vec<u8>> = changeset
                 .removed
                 .iter()
-                .chain(changeset.entries.iter().map(|item| &item.path))
+                .chain(
+                    changeset
+                        .entries
+                        .iter()
+                        .filter(|item| item.entry.kind != EntryKind::Dir)
+                        .map(|item| &item.path),
+                )
+                .chain(created.iter().copied())
                 .map(parent_bytes)
                 .collect();
             directories.extend(
@@ -669,13 +701,14 @@ impl Applier {
                 };
                 vdsync_sys::fsync(fd.as_fd()).map_err(io_at(path, "fsync"))?;
             }
-            for directory in [&trash, &self.state_dir] {
-                vdsync_sys::fsync_dir(directory).map_err(io_at(directory, "fsync"))?;
+            if let Some(trash_dir) = &trash_dir {
+                vdsync_sys::fsync(trash_dir.as_fd()).map_err(io_at(&trash, "fsync"))?;
             }
+            vdsync_sys::fsync_dir(&self.state_dir).map_err(io_at(&self.state_dir, "fsync"))?;
         } else {
             vdsync_sys::syncfs(self.root.fd()).map_err(io_at(self.root.path(), "syncfs"))?;
         }
-        if self.work_dir != self.state_dir && !small(changeset) {
+        if self.work_dir != self.state_dir && !fsync_each {
             // The state directory is on another file system than the tree.
             let state = File::open(&self.state_dir).map_err(io_at(&self.state_dir, "open"))?;
             vdsync_sys::syncfs(state.as_fd()).map_err(io_at(&self.state_dir, "syncfs"))?;
@@ -685,7 +718,9 @@ impl Applier {
         std::fs::remove_file(self.journal_path()).map_err(io_at(self.journal_path(), "remove"))?;
         // Cleanup is not part of the version: a crash here leaves only leftovers.
         let _ = std::fs::remove_dir_all(&journal.stage);
-        let _ = std::fs::remove_dir_all(&trash);
+        if trash_dir.is_some() || run == Run::Again {
+            let _ = std::fs::remove_dir_all(&trash);
+        }
 
         Ok(Applied {
             version: journal.version,

@@ -90,6 +90,11 @@ pub fn follow(client: &Client, options: &FollowOptions<'_>) -> Result<FollowSumm
             "started again the processes an interrupted version had stopped"
         );
     }
+    if let Some(log) = options.open_log {
+        // One full read of /proc now, so that the first version's plan reads only
+        // what changed since.
+        log.processes(&HashSet::new(), &HashSet::new(), true);
+    }
     let mut current = applier.current_version()?;
     client.hello(options.name, &Hello { version: current })?;
     loop {
@@ -234,14 +239,28 @@ pub fn make_plan(updated: &[UpdatedFile], rules: &Rules, open_log: Option<&OpenL
             ..Plan::default()
         };
     }
-    let snapshot = snapshot_processes();
     let wanted: HashMap<FileId, Incarnation> = updated
         .iter()
         .filter_map(|file| Some((file.current?, file.incarnation)))
         .collect();
-    let opened_before = open_log
-        .map(|log| log.opened_before(&wanted))
-        .unwrap_or_default();
+    let (snapshot, opened_before) = match open_log {
+        None => (snapshot_processes(), HashMap::new()),
+        Some(log) => {
+            // Processes that opened the files are read afresh (their signal
+            // handling decides reload or restart), and so is everything when a
+            // rule names processes; then the openers are asked again, since the
+            // read caught up with the kernel's queue.
+            let openers: HashSet<i32> = log
+                .opened_before(&wanted)
+                .values()
+                .flatten()
+                .map(|key| key.pid)
+                .collect();
+            let files: HashSet<FileId> = wanted.keys().copied().collect();
+            let snapshot = log.processes(&files, &openers, ruled);
+            (snapshot, log.opened_before(&wanted))
+        }
+    };
     let mut plan = crate::plan::plan(&Inputs {
         files: updated,
         processes: &snapshot,

@@ -28,14 +28,15 @@
 //! updated file — the verification of a reload.
 
 use std::collections::{HashMap, HashSet};
+use std::os::fd::{AsFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{mpsc, Arc, Mutex, MutexGuard};
+use std::sync::{mpsc, Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime};
 
 use vdsync_sys::open_events::{OpenBatch, OpenEvents};
 use vdsync_sys::proc_events::{ProcEvent, ProcEvents};
-use vdsync_sys::process::{FileId, Incarnation, ProcessKey};
+use vdsync_sys::process::{FileId, Incarnation, ProcessFiles, ProcessKey};
 
 /// How many (process, file) pairs the log holds at most; past it, new opens are
 /// dropped and the log says it is incomplete.
@@ -93,11 +94,31 @@ struct State {
     waiters: Vec<Waiter>,
     /// Why the log may have missed opens, if it may have.
     incomplete: Option<String>,
+    /// Counts the reads of the two streams.
+    sequence: u64,
+    /// For each live pid that forked, exec'd or opened something: the sequence
+    /// when it last did (for [`OpenLog::processes`]).
+    touched: HashMap<i32, u64>,
+}
+
+/// /proc as last read, kept between plans (see [`OpenLog::processes`]).
+#[derive(Default)]
+struct ProcessCache {
+    /// The log's sequence when the reads began; `None` until the first full read.
+    sequence: Option<u64>,
+    processes: HashMap<i32, ProcessFiles>,
+    /// Pids that are not user processes (kernel threads) or could not be read.
+    skipped: HashSet<i32>,
 }
 
 /// The running open log. Dropping it stops its thread.
 pub struct OpenLog {
     state: Arc<Mutex<State>>,
+    /// Completed rounds of reading both streams, for [`OpenLog::catch_up`].
+    rounds: Arc<(Mutex<u64>, Condvar)>,
+    /// Wakes the log's thread from its wait.
+    wake: Arc<OwnedFd>,
+    cache: Mutex<ProcessCache>,
     stop: Arc<AtomicBool>,
     thread: Option<std::thread::JoinHandle<()>>,
     since: SystemTime,
@@ -125,16 +146,30 @@ impl OpenLog {
         }
         let processes = ProcEvents::subscribe()?;
         let state = Arc::new(Mutex::new(State::default()));
+        let rounds = Arc::new((Mutex::new(0u64), Condvar::new()));
+        let wake = Arc::new(rustix::event::eventfd(
+            0,
+            rustix::event::EventfdFlags::CLOEXEC | rustix::event::EventfdFlags::NONBLOCK,
+        )?);
         let stop = Arc::new(AtomicBool::new(false));
         let thread = {
+            let streams = Streams {
+                opens,
+                processes,
+                wake: Arc::clone(&wake),
+            };
             let state = Arc::clone(&state);
+            let rounds = Arc::clone(&rounds);
             let stop = Arc::clone(&stop);
             std::thread::Builder::new()
                 .name("open-log".into())
-                .spawn(move || run(opens, processes, &state, &stop))?
+                .spawn(move || run(streams, &state, &rounds, &stop))?
         };
         let log = OpenLog {
             state,
+            rounds,
+            wake,
+            cache: Mutex::new(ProcessCache::default()),
             stop,
             thread: Some(thread),
             since: SystemTime::now(),
@@ -196,6 +231,112 @@ impl OpenLog {
         result
     }
 
+    /// Returns once every event the kernel queued before the call has been read
+    /// (or after `timeout`; false then).
+    pub fn catch_up(&self, timeout: Duration) -> bool {
+        let (count, done) = &*self.rounds;
+        let lock = || {
+            count
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner())
+        };
+        // A round under way may have read one stream before the call: wait for
+        // the round after it.
+        let target = *lock() + 2;
+        let _ = rustix::io::write(&*self.wake, &1u64.to_ne_bytes());
+        let deadline = std::time::Instant::now() + timeout;
+        let mut rounds = lock();
+        while *rounds < target {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            if left.is_zero() {
+                return false;
+            }
+            rounds = done
+                .wait_timeout(rounds, left)
+                .unwrap_or_else(|poisoned| poisoned.into_inner())
+                .0;
+            if *rounds < target {
+                let _ = rustix::io::write(&*self.wake, &1u64.to_ne_bytes());
+            }
+        }
+        true
+    }
+
+    /// Every user process as /proc shows it now, reading as little of /proc as the
+    /// log allows. A process is read again if it forked, exec'd or opened anything
+    /// since the last call, if it used one of `wanted` then, or if it is in
+    /// `fresh`; the others (and kernel threads) are taken from the last call. All
+    /// are read when the log may be missing events, or when `everything`.
+    ///
+    /// What this can miss that a full read would see: a descriptor for one of
+    /// `wanted` received from another process (SCM_RIGHTS) by a process that
+    /// opened nothing since. The process that opened it is seen.
+    pub fn processes(
+        &self,
+        wanted: &HashSet<FileId>,
+        fresh: &HashSet<i32>,
+        everything: bool,
+    ) -> Vec<ProcessFiles> {
+        let mut cache = self
+            .cache
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        // Listed first: a process forked after the list is not in it, and one
+        // forked before has its fork read by the catch-up.
+        let pids = vdsync_sys::process::list_pids().unwrap_or_default();
+        let caught_up = self.catch_up(Duration::from_millis(250));
+        let (sequence, changed, incomplete) = {
+            let state = self.lock();
+            let since = cache.sequence.unwrap_or(0);
+            let changed: HashSet<i32> = state
+                .touched
+                .iter()
+                .filter(|(_, touched)| **touched >= since)
+                .map(|(pid, _)| *pid)
+                .collect();
+            (state.sequence, changed, state.incomplete.is_some())
+        };
+        let reuse = caught_up && !incomplete && !everything && cache.sequence.is_some();
+        let mut processes = HashMap::with_capacity(pids.len());
+        let mut skipped = HashSet::new();
+        let mut read = 0usize;
+        for pid in pids {
+            if reuse && !changed.contains(&pid) && !fresh.contains(&pid) {
+                if cache.skipped.contains(&pid) {
+                    skipped.insert(pid);
+                    continue;
+                }
+                if let Some(known) = cache.processes.remove(&pid) {
+                    if !uses_any(&known, wanted) {
+                        processes.insert(pid, known);
+                        continue;
+                    }
+                }
+            }
+            read += 1;
+            match vdsync_sys::process::process_files(pid) {
+                Ok(files) => {
+                    processes.insert(pid, files);
+                }
+                Err(_) => {
+                    skipped.insert(pid);
+                }
+            }
+        }
+        tracing::debug!(
+            read,
+            reused = processes.len() + skipped.len() - read,
+            "read processes"
+        );
+        let result: Vec<ProcessFiles> = processes.values().cloned().collect();
+        *cache = ProcessCache {
+            sequence: Some(sequence),
+            processes,
+            skipped,
+        };
+        result
+    }
+
     /// How `key` was launched (directory, argv, environment), if it was launched
     /// while the log ran.
     pub fn launch(&self, key: ProcessKey) -> Option<Launch> {
@@ -239,6 +380,13 @@ impl Drop for OpenLog {
     }
 }
 
+/// Whether `process` runs, maps or holds open any of `files`.
+fn uses_any(process: &ProcessFiles, files: &HashSet<FileId>) -> bool {
+    process.exe.is_some_and(|exe| files.contains(&exe))
+        || process.mapped.iter().any(|file| files.contains(file))
+        || process.open.iter().any(|file| files.contains(file))
+}
+
 /// `key`, then the processes it was forked from, nearest first.
 fn chain(state: &State, key: ProcessKey) -> impl Iterator<Item = ProcessKey> + '_ {
     let mut next = Some(key);
@@ -255,22 +403,46 @@ fn chain(state: &State, key: ProcessKey) -> impl Iterator<Item = ProcessKey> + '
     })
 }
 
-fn run(mut opens: OpenEvents, mut processes: ProcEvents, state: &Mutex<State>, stop: &AtomicBool) {
+/// What the log's thread reads.
+struct Streams {
+    opens: OpenEvents,
+    processes: ProcEvents,
+    wake: Arc<OwnedFd>,
+}
+
+fn run(streams: Streams, state: &Mutex<State>, rounds: &(Mutex<u64>, Condvar), stop: &AtomicBool) {
+    let Streams {
+        mut opens,
+        mut processes,
+        wake,
+    } = streams;
     let lock = || {
         state
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     };
     while !stop.load(Ordering::Relaxed) {
+        let round_done = || {
+            let (count, done) = rounds;
+            *count
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner()) += 1;
+            done.notify_all();
+        };
         // Both streams are waited for together, so that neither waits for the
-        // other: an exec must be known as soon as possible (see `exec_pending`).
-        if let Err(err) =
-            vdsync_sys::wait_any_readable(&[opens.fd(), processes.fd()], Duration::from_millis(100))
-        {
+        // other (an exec must be known as soon as possible), and so is the wake-up
+        // of `catch_up`.
+        if let Err(err) = vdsync_sys::wait_any_readable(
+            &[opens.fd(), processes.fd(), wake.as_fd()],
+            Duration::from_millis(100),
+        ) {
             tracing::warn!(error = %err, "open log: poll failed");
             std::thread::sleep(Duration::from_millis(100));
             continue;
         }
+        let mut counter = [0u8; 8];
+        let _ = rustix::io::read(&*wake, &mut counter);
+        lock().sequence += 1;
         // Process events first: a fork read now links a child whose opens come
         // next; the exec boundary comes from the open stream itself.
         match processes.read(Duration::ZERO) {
@@ -289,11 +461,13 @@ fn run(mut opens: OpenEvents, mut processes: ProcEvents, state: &Mutex<State>, s
             Err(err) => {
                 tracing::warn!(error = %err, "open log: reading fanotify failed");
                 lock().incomplete = Some(format!("reading opens failed ({err})"));
+                round_done();
                 std::thread::sleep(Duration::from_millis(100));
                 continue;
             }
         };
         on_opens(&mut lock(), batch);
+        round_done();
     }
 }
 
@@ -317,6 +491,7 @@ fn on_process_event(state: &mut State, event: ProcEvent) {
             let Some(child_key) = key_of(state, child) else {
                 return;
             };
+            state.touched.insert(child, state.sequence);
             let record = state.records.entry(child_key).or_default();
             if record.forked_from.is_none() && record.launch.is_none() {
                 record.forked_from = Some(parent_key);
@@ -326,6 +501,7 @@ fn on_process_event(state: &mut State, event: ProcEvent) {
             }
         }
         ProcEvent::Exec { pid } => {
+            state.touched.insert(pid, state.sequence);
             let Some(key) = key_of(state, pid) else {
                 return;
             };
@@ -339,6 +515,7 @@ fn on_process_event(state: &mut State, event: ProcEvent) {
             unlink_parent(state, key);
         }
         ProcEvent::Exit { pid } => {
+            state.touched.remove(&pid);
             if let Some(key) = state.live.remove(&pid) {
                 if let Some(record) = state.records.get_mut(&key) {
                     record.alive = false;
@@ -388,6 +565,7 @@ fn on_opens(state: &mut State, batch: OpenBatch) {
         ));
     }
     for event in batch.events {
+        state.touched.insert(event.pid, state.sequence);
         let Some(key) = key_of(state, event.pid) else {
             continue;
         };
@@ -505,6 +683,59 @@ mod tests {
             .into_iter()
             .map(|key| key.pid)
             .collect()
+    }
+
+    #[test]
+    fn a_process_read_before_is_read_again_once_it_opens_something() {
+        use std::io::{BufRead, Write};
+        use std::process::{Command, Stdio};
+        let dir = tempfile::tempdir().unwrap();
+        let dir_file = std::fs::File::open(dir.path()).unwrap();
+        let (log, _) = OpenLog::start(dir.path()).unwrap();
+        let data = dir.path().join("data");
+        std::fs::write(&data, b"one").unwrap();
+        let (file, _) = entry(&dir_file, "data");
+        let wanted = HashSet::from([file]);
+        // Waits for a line on stdin, then opens the file and keeps it open.
+        let mut holder = Command::new("/usr/bin/python3")
+            .args([
+                "-c",
+                "import sys; print('up', flush=True); sys.stdin.readline(); \
+                 f = open(sys.argv[1]); print('holding', flush=True); sys.stdin.readline()",
+            ])
+            .arg(&data)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let pid = holder.id() as i32;
+        let mut stdout = std::io::BufReader::new(holder.stdout.take().unwrap());
+        let mut line = String::new();
+        stdout.read_line(&mut line).unwrap();
+        assert_eq!(line, "up\n");
+        let holds = |processes: &[ProcessFiles]| {
+            processes
+                .iter()
+                .find(|process| process.key.pid == pid)
+                .map(|process| process.open.contains(&file))
+        };
+        let first = log.processes(&wanted, &HashSet::new(), true);
+        assert_eq!(
+            holds(&first),
+            Some(false),
+            "python is running, not holding the file yet"
+        );
+
+        let mut stdin = holder.stdin.take().unwrap();
+        stdin.write_all(b"go\n").unwrap();
+        line.clear();
+        stdout.read_line(&mut line).unwrap();
+        assert_eq!(line, "holding\n");
+        // Not everything is read again; python is, since it opened something.
+        let second = log.processes(&wanted, &HashSet::new(), false);
+        assert_eq!(holds(&second), Some(true), "python's open was not noticed");
+        drop(stdin);
+        holder.wait().unwrap();
     }
 
     #[test]
