@@ -457,7 +457,12 @@ fn push(args: PushArgs) -> Result<()> {
         },
         start,
     )?;
-    output::print_push(&report, args.dry_run, args.json, !args.rescan)
+    let printed = output::print_push(&report, args.dry_run, args.json, !args.rescan);
+    // Dropping the client shuts its HTTP runtime down and joins its thread, which
+    // takes milliseconds after the work is done; the process is about to exit,
+    // which ends both anyway.
+    std::mem::forget(client);
+    printed
 }
 
 fn track(args: TrackArgs) -> Result<()> {
