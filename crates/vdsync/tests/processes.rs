@@ -16,7 +16,7 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use vdsync_test_support::{
-    free_loopback_port, pids_with_cmdline_containing, read_testd_report, tempdir,
+    all_pids, free_loopback_port, pids_with_cmdline_containing, read_testd_report, tempdir,
     terminate_until_none_left, testd_binary, wait_for_report, wait_until, GroupChild, Nginx, Redis,
     TestRepo, TestdReport, Vdsync,
 };
@@ -463,6 +463,7 @@ fn a_child_its_parent_ends_is_not_started_twice() {
 /// A root to chroot into, inside the machine's tree: the jail's own files come with
 /// the versions; `/usr` is the host's, bind-mounted read-only, plus /proc.
 struct Jail {
+    root: PathBuf,
     mounts: Vec<PathBuf>,
 }
 
@@ -480,12 +481,26 @@ impl Jail {
         let proc_dir = jail.join("proc");
         run(&["mount", "-t", "proc", "proc", proc_dir.to_str().unwrap()]);
         mounts.push(proc_dir);
-        Jail { mounts }
+        Jail {
+            root: jail.to_path_buf(),
+            mounts,
+        }
     }
 }
 
 impl Drop for Jail {
     fn drop(&mut self) {
+        // Processes running in the jail: their command lines do not name the
+        // lab's directory, so the lab's own clean-up does not find them.
+        let _ = terminate_until_none_left("the jailed processes", Duration::from_secs(5), || {
+            all_pids()
+                .into_iter()
+                .filter(|pid| {
+                    std::fs::read_link(format!("/proc/{pid}/root"))
+                        .is_ok_and(|root| root == self.root)
+                })
+                .collect()
+        });
         for mount in self.mounts.iter().rev() {
             let _ = Command::new("umount").arg("-l").arg(mount).status();
         }
