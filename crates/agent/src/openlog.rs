@@ -323,6 +323,28 @@ impl OpenLog {
                 }
             }
         }
+        // The parent links of a concerned process's ancestors decide the order of
+        // restarts and which family member gets a SIGHUP: a process's parent
+        // changes without an event of its own when its parent dies, so these are
+        // read again.
+        let concerned: Vec<i32> = processes
+            .values()
+            .filter(|process| uses_any(process, wanted) || fresh.contains(&process.key.pid))
+            .map(|process| process.parent)
+            .collect();
+        for mut current in concerned {
+            let mut steps = 0;
+            while current > 1 && steps < 64 {
+                steps += 1;
+                let Some(ancestor) = processes.get_mut(&current) else {
+                    break;
+                };
+                if let Ok(parent) = vdsync_sys::process::parent_of(current) {
+                    ancestor.parent = parent;
+                }
+                current = ancestor.parent;
+            }
+        }
         tracing::debug!(
             read,
             reused = processes.len() + skipped.len() - read,
