@@ -29,7 +29,7 @@ use std::ffi::OsStr;
 use std::io;
 use std::mem::MaybeUninit;
 use std::ops::Bound;
-use std::os::fd::OwnedFd;
+use std::os::fd::{BorrowedFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -191,6 +191,11 @@ impl RecursiveInotify {
             self.read_available(&mut events)?;
         }
         self.process(events)
+    }
+
+    /// The inotify descriptor, readable when events are queued.
+    pub fn fd(&self) -> BorrowedFd<'_> {
+        self.fd.as_fd()
     }
 
     /// True once the kernel queue overflowed (`IN_Q_OVERFLOW`) since the last call;

@@ -26,6 +26,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::io::{BufRead, BufReader, Write};
+use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
@@ -56,6 +57,10 @@ const FENCE_TIMEOUT: Duration = Duration::from_secs(10);
 /// woken for nearly every event of a busy writer, and the writer pays for each
 /// wake-up (measured: a third of the tracker's cost to `tar -xf`).
 const BUSY_READ_DELAY: Duration = Duration::from_millis(10);
+/// How often a snapshot waiting for its fence checks its deadline.
+const FENCE_CHECK_INTERVAL: Duration = Duration::from_millis(20);
+/// The longest an idle tracker sleeps: how soon it notices it is asked to stop.
+const IDLE_WAIT: Duration = Duration::from_millis(500);
 
 /// Past this many journalled paths a snapshot asks for a full scan instead.
 const SNAPSHOT_MARK_LIMIT: u64 = 100_000;
@@ -244,12 +249,20 @@ pub fn run(
     let _ = std::fs::remove_file(&socket_path);
     let listener = UnixListener::bind(&socket_path).map_err(io_error(&socket_path))?;
     let (requests, incoming) = mpsc::channel::<Pending>();
+    let wake = Arc::new(
+        rustix::event::eventfd(
+            0,
+            rustix::event::EventfdFlags::CLOEXEC | rustix::event::EventfdFlags::NONBLOCK,
+        )
+        .map_err(|err| io_error(&state_dir)(err.into()))?,
+    );
     let index = Arc::new(IndexSlot {
         path: crate::push::index_path(&state_dir),
         index: std::sync::Mutex::new(None),
     });
     let clients = Clients {
         requests,
+        wake: Arc::clone(&wake),
         fences: AtomicU64::new(0),
         state_dir: state_dir.clone(),
         index: Arc::clone(&index),
@@ -275,14 +288,32 @@ pub fn run(
         // that is most of the time, since the mark covers the whole file system; so
         // a client's request ends the wait, and none happens while a snapshot waits
         // for its fence: a push never waits for someone's build.
-        let mut arrived = None;
-        if busy && fences.is_empty() {
-            arrived = incoming.recv_timeout(BUSY_READ_DELAY).ok();
-        }
+        //
+        // Otherwise the loop sleeps until an event or a request arrives, or until
+        // the pending marks are due to be written: an idle tracker does not wake.
+        let pending_marks = !seen.marks.is_empty() || seen.root_reason.is_some();
+        let wait = if busy && fences.is_empty() {
+            vdsync_sys::wait_readable(wake.as_fd(), BUSY_READ_DELAY)
+        } else {
+            let until_due = if !fences.is_empty() {
+                FENCE_CHECK_INTERVAL
+            } else if pending_marks {
+                BATCH_INTERVAL.saturating_sub(last_flush.elapsed())
+            } else {
+                IDLE_WAIT
+            };
+            vdsync_sys::wait_any_readable(&[watcher.fd(), wake.as_fd()], until_due)
+        };
+        wait.map_err(|source| TrackError::Watch {
+            path: root.clone(),
+            source,
+        })?;
+        let mut counter = [0u8; 8];
+        let _ = rustix::io::read(&*wake, &mut counter);
         busy = watcher.poll(&context, &mut seen)? > 0;
 
         // Requests from clients.
-        while let Some(pending) = arrived.take().or_else(|| incoming.try_recv().ok()) {
+        while let Ok(pending) = incoming.try_recv() {
             match pending.request {
                 LoopRequest::Snapshot { fence } => {
                     fences.push((fence, Instant::now() + FENCE_TIMEOUT, pending.reply));
@@ -524,10 +555,18 @@ impl Watcher {
         }
     }
 
-    /// Reads what is pending (waiting briefly, returning as soon as an event
-    /// arrives) into `seen`. Returns the number of events read.
+    /// The descriptor that is readable when events are queued.
+    fn fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        match self {
+            Watcher::Fanotify { group, .. } => group.fd(),
+            Watcher::Inotify { inotify, .. } => inotify.fd(),
+        }
+    }
+
+    /// Reads what is queued, without waiting, into `seen`. Returns the number of
+    /// events read.
     fn poll(&mut self, context: &Context<'_>, seen: &mut Seen) -> Result<usize, TrackError> {
-        let wait = Duration::from_millis(20);
+        let wait = Duration::ZERO;
         let events_read;
         match self {
             Watcher::Fanotify {
@@ -686,6 +725,8 @@ impl Resolver {
 /// What every client connection shares.
 struct Clients {
     requests: mpsc::Sender<Pending>,
+    /// Written after each request is queued: wakes the event loop.
+    wake: Arc<OwnedFd>,
     fences: AtomicU64,
     state_dir: PathBuf,
     index: Arc<IndexSlot>,
@@ -760,6 +801,7 @@ fn ask_loop(clients: &Clients, request: LoopRequest) -> Response {
     if clients.requests.send(Pending { request, reply }).is_err() {
         return Response::Error("the tracker is shutting down".to_owned());
     }
+    let _ = rustix::io::write(&*clients.wake, &1u64.to_ne_bytes());
     if let Some(Err(err)) = fence.map(|fence| create_fence(&clients.state_dir, fence)) {
         return Response::Error(format!("cannot create the fence file: {err}"));
     }
