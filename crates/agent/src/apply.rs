@@ -489,7 +489,21 @@ impl Applier {
                                 .root
                                 .open_dir(&parent_bytes(target))
                                 .map_err(tree_io(target, "open parent"))?;
-                            vdsync_sys::link_at(dir.as_fd(), target.file_name(), stage_fd, &name)
+                            let linked = vdsync_sys::link_at(
+                                dir.as_fd(),
+                                target.file_name(),
+                                stage_fd,
+                                &name,
+                            );
+                            match linked {
+                                // The target is on a file system mounted inside the
+                                // tree: stage a copy; placing links it there again
+                                // if it can (see `roll_forward`).
+                                Err(err) if vdsync_sys::errno(&err) == Some(Errno::XDEV) => {
+                                    copy_to_stage(dir.as_fd(), target.file_name(), stage_fd, &name)
+                                }
+                                other => other,
+                            }
                         }
                     }
                     .map_err(tree_io(&item.path, "stage hard link"))?;
@@ -514,6 +528,22 @@ impl Applier {
             vdsync_sys::syncfs(stage_fd).map_err(io_at(stage, "syncfs"))?;
         }
         Ok((bytes_fetched, warnings))
+    }
+
+    /// Makes `leaf` in `parent` a hard link to the tree's `target`, through
+    /// `temporary` (replaced if an earlier run left it), and syncs the directory.
+    fn link_in_tree(
+        &self,
+        target: &RepoPath,
+        parent: BorrowedFd<'_>,
+        leaf: &[u8],
+        temporary: &[u8],
+    ) -> io::Result<()> {
+        let target_dir = self.root.open_dir(&parent_bytes(target))?;
+        vdsync_sys::remove_at(parent, temporary)?;
+        vdsync_sys::link_at(target_dir.as_fd(), target.file_name(), parent, temporary)?;
+        vdsync_sys::rename_at(parent, temporary, parent, leaf)?;
+        vdsync_sys::fsync(parent)
     }
 
     /// Phase 3, idempotent: may run any number of times for the same journal.
@@ -617,8 +647,43 @@ impl Applier {
                 // A directory becomes a non-directory; its old children were removed above.
                 discard(parent_fd, leaf, path)?;
             }
-            vdsync_sys::rename_at(stage_fd, &name, parent_fd, leaf)
-                .map_err(tree_io(path, "rename into place"))?;
+            match vdsync_sys::rename_at(stage_fd, &name, parent_fd, leaf) {
+                Ok(()) => {}
+                // Another file system mounted inside the tree (a separate /var):
+                // no rename reaches it from the staging directory.
+                Err(err) if vdsync_sys::errno(&err) == Some(Errno::XDEV) => {
+                    let temporary = format!(".vdsync-place-{}-{index}", journal.version);
+                    if let EntryKind::HardLink { target } = &item.entry.kind {
+                        // A link to a file already in its final place, on this
+                        // file system: linked there. Not to one this version
+                        // replaces later in the loop (it would keep the old file).
+                        let settled = changeset
+                            .entries
+                            .iter()
+                            .position(|other| &other.path == target)
+                            .is_none_or(|position| position < index);
+                        if settled
+                            && self
+                                .link_in_tree(target, parent_fd, leaf, temporary.as_bytes())
+                                .is_ok()
+                        {
+                            vdsync_sys::remove_at(stage_fd, &name)
+                                .map_err(tree_io(path, "remove staged"))?;
+                            continue;
+                        }
+                    }
+                    place_across(
+                        stage_fd,
+                        &name,
+                        parent_fd,
+                        leaf,
+                        temporary.as_bytes(),
+                        &item.entry,
+                    )
+                    .map_err(tree_io(path, "copy into place"))?;
+                }
+                Err(err) => return Err(tree_io(path, "rename into place")(err)),
+            }
         }
 
         // Directory times last: placing children changes them.
@@ -707,6 +772,13 @@ impl Applier {
             vdsync_sys::fsync_dir(&self.state_dir).map_err(io_at(&self.state_dir, "fsync"))?;
         } else {
             vdsync_sys::syncfs(self.root.fd()).map_err(io_at(self.root.path(), "syncfs"))?;
+            // And every file system mounted inside the tree: directories made and
+            // metadata set there are not on the root's.
+            for mount in vdsync_sys::mounts::mounts_below(self.root.path()) {
+                if let Ok(dir) = File::open(&mount) {
+                    vdsync_sys::syncfs(dir.as_fd()).map_err(io_at(&mount, "syncfs"))?;
+                }
+            }
         }
         if self.work_dir != self.state_dir && !fsync_each {
             // The state directory is on another file system than the tree.
@@ -768,6 +840,94 @@ fn write_content(file: &mut File, kind: &EntryKind, content: &mut dyn Read) -> i
     writer.flush()?;
     drop(writer);
     file.set_len(*size)?;
+    Ok(())
+}
+
+/// Copies the regular file `name` in `dir` (content, owner, mode, times) to `to_name`
+/// in `stage`, synced: a hard link's stand-in when its target is on another file
+/// system than the staging directory.
+fn copy_to_stage(
+    dir: BorrowedFd<'_>,
+    name: &[u8],
+    stage: BorrowedFd<'_>,
+    to_name: &[u8],
+) -> io::Result<()> {
+    use std::os::unix::ffi::OsStrExt;
+    let mut source = File::from(rustix::fs::openat(
+        dir,
+        std::ffi::OsStr::from_bytes(name),
+        rustix::fs::OFlags::RDONLY | rustix::fs::OFlags::NOFOLLOW | rustix::fs::OFlags::CLOEXEC,
+        rustix::fs::Mode::empty(),
+    )?);
+    let stat = rustix::fs::fstat(&source)?;
+    let mut copy = vdsync_sys::create_file_at(stage, to_name)?;
+    io::copy(&mut source, &mut copy)?;
+    vdsync_sys::set_owner_mode(copy.as_fd(), stat.st_uid, stat.st_gid, stat.st_mode & 0o7777)?;
+    vdsync_sys::set_mtime(copy.as_fd(), stat.st_mtime, stat.st_mtime_nsec as u32)?;
+    copy.sync_all()
+}
+
+/// Places the staged `name` at `leaf` in `parent`, on another file system than the
+/// staging directory, where a rename cannot: a complete copy under `temporary`
+/// beside the target (content, owner, mode, xattrs, mtime), synced, renamed over
+/// the target, the directory synced; the staged entry is removed last, so a re-run
+/// after a crash copies again. A hard link becomes a copy of its file's content
+/// (its link target may still be staged, on the other file system).
+fn place_across(
+    stage: BorrowedFd<'_>,
+    name: &[u8],
+    parent: BorrowedFd<'_>,
+    leaf: &[u8],
+    temporary: &[u8],
+    entry: &vdsync_proto::Entry,
+) -> io::Result<()> {
+    use std::os::unix::ffi::OsStrExt;
+    let meta = &entry.meta;
+    // Left by an earlier run that crashed.
+    vdsync_sys::remove_at(parent, temporary)?;
+    match &entry.kind {
+        EntryKind::Symlink { target } => {
+            vdsync_sys::symlink_at(target, parent, temporary)?;
+            vdsync_sys::set_owner_mode_at(parent, temporary, meta.uid, meta.gid, None)?;
+            vdsync_sys::set_mtime_at(parent, temporary, meta.mtime.sec, meta.mtime.nsec)?;
+        }
+        EntryKind::Fifo | EntryKind::CharDevice { .. } | EntryKind::BlockDevice { .. } => {
+            let special = match entry.kind {
+                EntryKind::CharDevice { rdev } => Special::CharDevice(rdev),
+                EntryKind::BlockDevice { rdev } => Special::BlockDevice(rdev),
+                _ => Special::Fifo,
+            };
+            vdsync_sys::mknod_at(parent, temporary, special, meta.mode)?;
+            vdsync_sys::set_owner_mode_at(parent, temporary, meta.uid, meta.gid, Some(meta.mode))?;
+            vdsync_sys::set_mtime_at(parent, temporary, meta.mtime.sec, meta.mtime.nsec)?;
+        }
+        EntryKind::File { .. } | EntryKind::HardLink { .. } => {
+            let mut source = File::from(rustix::fs::openat(
+                stage,
+                std::ffi::OsStr::from_bytes(name),
+                rustix::fs::OFlags::RDONLY
+                    | rustix::fs::OFlags::NOFOLLOW
+                    | rustix::fs::OFlags::CLOEXEC,
+                rustix::fs::Mode::empty(),
+            )?);
+            let mut copy = vdsync_sys::create_file_at(parent, temporary)?;
+            match &entry.kind {
+                EntryKind::File { .. } => {
+                    let mut runs = SegmentReader::from_entry(&mut source, &entry.kind);
+                    write_content(&mut copy, &entry.kind, &mut runs)?;
+                }
+                _ => {
+                    io::copy(&mut source, &mut copy)?;
+                }
+            }
+            finish_file(&copy, meta)?;
+            copy.sync_all()?;
+        }
+        EntryKind::Dir | EntryKind::Socket => return Ok(()),
+    }
+    vdsync_sys::rename_at(parent, temporary, parent, leaf)?;
+    vdsync_sys::fsync(parent)?;
+    vdsync_sys::remove_at(stage, name)?;
     Ok(())
 }
 

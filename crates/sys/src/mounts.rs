@@ -29,9 +29,11 @@ pub const PSEUDO_FILE_SYSTEMS: &[&str] = &[
 
 /// Mount points strictly below `root`.
 pub fn mounts_below(root: &Path) -> Vec<PathBuf> {
+    // Mount points are absolute, with symlinks resolved.
+    let root = std::fs::canonicalize(root).unwrap_or_else(|_| root.to_path_buf());
     mount_points()
         .into_iter()
-        .filter(|mount_point| mount_point != root && mount_point.starts_with(root))
+        .filter(|mount_point| *mount_point != root && mount_point.starts_with(&root))
         .collect()
 }
 

@@ -11,7 +11,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use vdsync_test_support::{
-    assert_trees_equal, describe_tree, tempdir, wait_until, GroupChild, TestRepo, Vdsync,
+    assert_trees_equal, describe_tree, tempdir, wait_until, GroupChild, Mount, TestRepo, Vdsync,
 };
 
 fn vdsync() -> Vdsync {
@@ -286,6 +286,60 @@ fn deletions_and_kind_changes_round_trip() {
     assert_eq!(lab.push("and back"), 2);
     lab.agent_once("web");
     lab.assert_agent_matches_dev("web");
+}
+
+#[test]
+fn a_file_system_mounted_inside_the_machines_tree_gets_its_entries() {
+    let lab = Lab::new(|dev| {
+        std::fs::create_dir_all(dev.join("var/lib/app")).unwrap();
+        write(&dev.join("var/lib/app/data"), "v0");
+        write(&dev.join("var/lib/app/kept"), "kept");
+        write(&dev.join("var/doomed"), "removed later");
+        write(&dev.join("top.conf"), "on the root's file system");
+    });
+    // On the machine, var/ is a file system of its own (a separate partition):
+    // no rename reaches it from the agent's staging directory.
+    let root = lab.root_of("web");
+    let var = Mount::ext4_image(&lab.dir.join("var.img"), 16, &root.join("var"));
+    std::fs::remove_dir(var.path.join("lost+found")).unwrap();
+    lab.agent_once("web");
+    lab.assert_agent_matches_dev("web");
+
+    write(&lab.dev.join("var/lib/app/data"), "v1");
+    std::fs::create_dir_all(lab.dev.join("var/new/deeper")).unwrap();
+    write(&lab.dev.join("var/new/deeper/file"), "new");
+    std::os::unix::fs::symlink("lib/app/data", lab.dev.join("var/link")).unwrap();
+    std::fs::hard_link(
+        lab.dev.join("var/lib/app/kept"),
+        lab.dev.join("var/lib/app/kept-too"),
+    )
+    .unwrap();
+    rustix::fs::mknodat(
+        rustix::fs::CWD,
+        lab.dev.join("var/fifo"),
+        rustix::fs::FileType::Fifo,
+        rustix::fs::Mode::from_raw_mode(0o640),
+        0,
+    )
+    .unwrap();
+    std::fs::remove_file(lab.dev.join("var/doomed")).unwrap();
+    write(&lab.dev.join("top.conf"), "changed too");
+    assert_eq!(lab.push("into var"), 1);
+    lab.agent_once("web");
+    // Hard links too: kept-too is linked to kept on var's file system.
+    lab.assert_agent_matches_dev("web");
+    let placed = std::fs::metadata(root.join("var/lib/app/data")).unwrap();
+    assert_eq!(
+        placed.dev(),
+        std::fs::metadata(&var.path).unwrap().dev(),
+        "the file is on var's file system"
+    );
+    let leftovers: Vec<_> = std::fs::read_dir(&var.path)
+        .unwrap()
+        .map(|entry| entry.unwrap().file_name())
+        .filter(|name| name.as_bytes().starts_with(b".vdsync"))
+        .collect();
+    assert!(leftovers.is_empty(), "temporary names left: {leftovers:?}");
 }
 
 #[test]
