@@ -862,7 +862,12 @@ fn copy_to_stage(
     let stat = rustix::fs::fstat(&source)?;
     let mut copy = vdsync_sys::create_file_at(stage, to_name)?;
     io::copy(&mut source, &mut copy)?;
-    vdsync_sys::set_owner_mode(copy.as_fd(), stat.st_uid, stat.st_gid, stat.st_mode & 0o7777)?;
+    vdsync_sys::set_owner_mode(
+        copy.as_fd(),
+        stat.st_uid,
+        stat.st_gid,
+        stat.st_mode & 0o7777,
+    )?;
     vdsync_sys::set_mtime(copy.as_fd(), stat.st_mtime, stat.st_mtime_nsec as u32)?;
     copy.sync_all()
 }

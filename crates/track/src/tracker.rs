@@ -357,7 +357,7 @@ pub fn run(
                 return true;
             }
             let _ = reply.send(Response::Error(
-                "the tracker did not see its fence event in time; is the state directory on the tracked file system?".to_owned(),
+                "the tracker did not see its fence file's creation within 10 s".to_owned(),
             ));
             false
         });

@@ -129,10 +129,12 @@ struct TrackArgs {
     /// The development tree (`/` on a development machine)
     #[arg(long, value_name = "DIR")]
     root: PathBuf,
-    /// Journal, socket and fence files; must be on the same file system as the root
+    /// Journal, socket and fence files (on another file system than the root, that
+    /// one is watched too)
     #[arg(long, value_name = "DIR", default_value = DEV_STATE)]
     state: PathBuf,
-    /// How to watch: fanotify (one mark for the whole file system; needs
+    /// How to watch: fanotify (one mark per whole file system, the root's and
+    /// those mounted below it; needs
     /// CAP_SYS_ADMIN and file handles), inotify (a watch per directory), or auto
     /// (fanotify, else inotify)
     #[arg(long, value_enum, default_value = "auto")]
@@ -179,7 +181,8 @@ struct AgentArgs {
     /// Repository URL, e.g. http://repo:7468
     #[arg(long, value_name = "URL", env = "VDSYNC_REPO")]
     repo: String,
-    /// Agent state: applied version, journal, staging (same file system as the root)
+    /// Agent state: applied version, journal, staging (staging goes to
+    /// ROOT/.vdsync-work instead when this is on another file system than the root)
     #[arg(long, value_name = "DIR", default_value = "/var/lib/vdsync/agent")]
     state: PathBuf,
     /// Name this machine reports under (default: the host name)
