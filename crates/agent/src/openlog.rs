@@ -708,6 +708,63 @@ mod tests {
     }
 
     #[test]
+    fn a_child_inherits_what_its_parent_opened_until_it_runs_another_program() {
+        use std::io::BufRead;
+        use std::process::{Command, Stdio};
+        let dir = tempfile::tempdir().unwrap();
+        let dir_file = std::fs::File::open(dir.path()).unwrap();
+        let (log, _) = OpenLog::start(dir.path()).unwrap();
+        let config = dir.path().join("config");
+        std::fs::write(&config, b"setting").unwrap();
+        // Reads the file, forks a child that stays this program, and one that
+        // runs another; prints both pids, then waits.
+        let script = "import os, sys, subprocess\n\
+open(sys.argv[1]).read()\n\
+pid = os.fork()\n\
+if pid == 0:\n    sys.stdin.read(); os._exit(0)\n\
+other = subprocess.Popen(['/usr/bin/sleep', '30'])\n\
+print(pid, other.pid, flush=True)\n\
+sys.stdin.read(); other.kill(); os.kill(pid, 9)\n";
+        let mut parent = Command::new("/usr/bin/python3")
+            .args(["-c", script])
+            .arg(&config)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        std::io::BufReader::new(parent.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        let pids: Vec<i32> = line
+            .split_whitespace()
+            .map(|word| word.parse().unwrap())
+            .collect();
+        let (forked, execed) = (pids[0], pids[1]);
+        let parent_pid = parent.id() as i32;
+        let file = entry(&dir_file, "config");
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        let openers = loop {
+            log.catch_up(Duration::from_secs(1));
+            let openers = openers(&log, file);
+            if openers.contains(&parent_pid) && openers.contains(&forked) {
+                break openers;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "within 10 s the log did not name python and its forked child as openers: {openers:?}"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        };
+        assert!(
+            !openers.contains(&execed),
+            "the child running sleep inherited its parent's open: {openers:?}"
+        );
+        drop(parent.stdin.take());
+        parent.wait().unwrap();
+    }
+
+    #[test]
     fn a_process_read_before_is_read_again_once_it_opens_something() {
         use std::io::{BufRead, Write};
         use std::process::{Command, Stdio};
