@@ -778,8 +778,18 @@ fn answer(clients: &Clients, request: Request) -> Response {
             patch,
         } => match clients.index.write(version, &patch) {
             // The index first, as a push that writes it itself does: marks outlive
-            // an index write that failed.
-            Ok(()) => ask_loop(clients, LoopRequest::Clear { sequence }),
+            // an index write that failed. The push need not wait for the clear (it
+            // is not synced either: a lost clear only means names looked at again);
+            // requests are taken in order, so any later snapshot comes after it.
+            Ok(()) => {
+                let (reply, _) = mpsc::channel();
+                let request = LoopRequest::Clear { sequence };
+                if clients.requests.send(Pending { request, reply }).is_err() {
+                    return Response::Error("the tracker is shutting down".to_owned());
+                }
+                let _ = rustix::io::write(&*clients.wake, &1u64.to_ne_bytes());
+                Response::Cleared
+            }
             Err(err) => Response::Error(vdsync_proto::display::error_chain(&err)),
         },
         Request::ReleaseIndex => {
