@@ -46,8 +46,9 @@ use crate::ApplyError;
 /// Where blobs come from: the repository over HTTP for an agent, the local store for
 /// the image builder.
 pub trait BlobSource {
-    /// Streams each blob of `hashes`, in order, to `sink`, and checks its hash after
-    /// the sink has consumed it. Returns the bytes transferred.
+    /// Streams each blob of `hashes` once, in any order, to `sink`, and checks its
+    /// hash after the sink has consumed it (or before, for content already held).
+    /// Returns the bytes transferred.
     fn fetch(
         &self,
         hashes: &[Hash],

@@ -160,12 +160,36 @@ pub fn follow(client: &Client, options: &FollowOptions<'_>) -> Result<FollowSumm
     }
 }
 
+/// Content of a version's blobs fetched with its changeset, when they add up to
+/// at most this: a small version then costs one request.
+const BUNDLE_BYTES: u64 = 64 * 1024;
+
 fn fetch_changeset(
     client: &Client,
     version: u64,
     current: Option<u64>,
 ) -> Result<Changeset, ApplyError> {
     let changeset = client.changeset(version)?;
+    check_parent(&changeset, version, current)?;
+    Ok(changeset)
+}
+
+/// The changeset of `version` and the content of its small blobs, in one request.
+fn fetch_bundle(
+    client: &Client,
+    version: u64,
+    current: Option<u64>,
+) -> Result<vdsync_client::Bundle, ApplyError> {
+    let bundle = client.bundle(version, BUNDLE_BYTES)?;
+    check_parent(&bundle.changeset, version, current)?;
+    Ok(bundle)
+}
+
+fn check_parent(
+    changeset: &Changeset,
+    version: u64,
+    current: Option<u64>,
+) -> Result<(), ApplyError> {
     if changeset.parent != current {
         return Err(ApplyError::WrongParent {
             version,
@@ -173,7 +197,7 @@ fn fetch_changeset(
             actual: current,
         });
     }
-    Ok(changeset)
+    Ok(())
 }
 
 fn apply_one(
@@ -184,7 +208,11 @@ fn apply_one(
     version: u64,
     current: Option<u64>,
 ) -> Result<Applied, ApplyError> {
-    let changeset = fetch_changeset(client, version, current)?;
+    let vdsync_client::Bundle { changeset, blobs } = fetch_bundle(client, version, current)?;
+    let source = crate::Prefetched {
+        blobs,
+        rest: client,
+    };
     // The plan is made while the version downloads and stages: reading every
     // process in /proc takes milliseconds that would otherwise be added to every
     // version. It is taken a moment before the stop; a process started in that
@@ -204,7 +232,7 @@ fn apply_one(
             plan
         });
         let staging = std::time::Instant::now();
-        let prepared = applier.prepare(version, &changeset, client);
+        let prepared = applier.prepare(version, &changeset, &source);
         tracing::debug!(
             version,
             ms = staging.elapsed().as_secs_f64() * 1000.0,

@@ -34,6 +34,8 @@ pub enum ApplyError {
         #[source]
         source: std::io::Error,
     },
+    #[error("cannot stage a file of the version")]
+    Stage(#[source] std::io::Error),
     #[error("state file {path} is unreadable: {message}")]
     CorruptState { path: PathBuf, message: String },
     #[error("version {version} is not a valid changeset")]
@@ -53,6 +55,36 @@ pub enum ApplyError {
     #[error(transparent)]
     Repository(#[from] vdsync_client::ClientError),
 }
+/// Blobs already in memory (a bundle's), then the rest from the repository.
+pub struct Prefetched<'a> {
+    pub blobs: std::collections::HashMap<vdsync_proto::Hash, Vec<u8>>,
+    pub rest: &'a vdsync_client::Client,
+}
+
+impl BlobSource for Prefetched<'_> {
+    fn fetch(
+        &self,
+        hashes: &[vdsync_proto::Hash],
+        sink: &mut dyn FnMut(vdsync_proto::Hash, &mut dyn std::io::Read) -> std::io::Result<()>,
+    ) -> Result<u64, ApplyError> {
+        let mut bytes = 0u64;
+        let mut missing = Vec::new();
+        for hash in hashes {
+            match self.blobs.get(hash) {
+                Some(content) => {
+                    sink(*hash, &mut content.as_slice()).map_err(ApplyError::Stage)?;
+                    bytes += content.len() as u64;
+                }
+                None => missing.push(*hash),
+            }
+        }
+        if !missing.is_empty() {
+            bytes += BlobSource::fetch(self.rest, &missing, sink)?;
+        }
+        Ok(bytes)
+    }
+}
+
 impl BlobSource for vdsync_client::Client {
     fn fetch(
         &self,

@@ -4,8 +4,9 @@
 //! Blobs travel in packs (see `vdsync_proto::wire`): uploads stream from readers
 //! the caller opens lazily, downloads are handed to the caller one blob at a time
 //! and checked against their hash after the caller has consumed them. Nothing here
-//! holds a whole blob in memory.
+//! holds a whole blob in memory, except the small ones a bundle carries.
 
+use std::collections::HashMap;
 use std::io::{self, BufReader, Read};
 use std::time::Duration;
 
@@ -38,6 +39,16 @@ pub enum ClientError {
     Decode(#[source] reqwest::Error),
     #[error("blob stream from the repository failed")]
     Blob(#[source] StoreError),
+    #[error("the repository sent a changeset that does not parse")]
+    BadChangeset(#[source] serde_json::Error),
+}
+
+/// A version's changeset with the content of the blobs the repository put beside
+/// it (`GET /v1/versions/N/bundle`): all of them for a small version.
+pub struct Bundle {
+    pub changeset: Changeset,
+    /// Content by hash, each checked against its hash.
+    pub blobs: HashMap<Hash, Vec<u8>>,
 }
 
 impl ClientError {
@@ -164,6 +175,40 @@ impl Client {
 
     pub fn changeset(&self, version: u64) -> Result<Changeset, ClientError> {
         self.get(&format!("/v1/versions/{version}/changeset"))
+    }
+
+    /// Version `version`'s changeset, and the content of its blobs up to `max_bytes`
+    /// in all, in one request. Blob contents are held in memory: keep `max_bytes`
+    /// small.
+    pub fn bundle(&self, version: u64, max_bytes: u64) -> Result<Bundle, ClientError> {
+        let path = format!("/v1/versions/{version}/bundle?max_bytes={max_bytes}");
+        let response = self.send(self.http.get(format!("{}{path}", self.base)), &path)?;
+        let mut input = BufReader::new(response);
+        let mut changeset = None;
+        let mut blobs = HashMap::new();
+        while let Some(header) =
+            vdsync_store::read_pack_header(&mut input).map_err(ClientError::Blob)?
+        {
+            let mut content = Vec::new();
+            vdsync_store::read_frame(&mut input, header.hash, header.len, &mut |reader| {
+                reader.read_to_end(&mut content).map(|_| ())
+            })
+            .map_err(ClientError::Blob)?;
+            match changeset {
+                None => {
+                    changeset =
+                        Some(serde_json::from_slice(&content).map_err(ClientError::BadChangeset)?)
+                }
+                Some(_) => {
+                    blobs.insert(header.hash, content);
+                }
+            }
+        }
+        let changeset = changeset.ok_or_else(|| ClientError::Server {
+            status: 200,
+            message: format!("an empty bundle for version {version}"),
+        })?;
+        Ok(Bundle { changeset, blobs })
     }
 
     /// The subset of `hashes` the repository does not hold, asked in batches.

@@ -64,6 +64,7 @@ pub fn router(repo: Arc<Repository>) -> Router {
         .route("/v1/versions/{version}", get(get_version))
         .route("/v1/versions/{version}/manifest", get(get_manifest))
         .route("/v1/versions/{version}/changeset", get(get_changeset))
+        .route("/v1/versions/{version}/bundle", get(get_bundle))
         .route("/v1/blobs/missing", post(missing_blobs))
         .route("/v1/blobs/pack", post(upload_pack))
         .route("/v1/blobs/fetch", post(fetch_blobs))
@@ -129,6 +130,27 @@ async fn get_changeset(
     PathParameter(version): PathParameter<u64>,
 ) -> Result<Response, RepoError> {
     run_blocking(&repo, move |repo| json_bytes(&repo.changeset(version)?)).await
+}
+
+#[derive(Debug, Deserialize)]
+struct BundleQuery {
+    max_bytes: Option<u64>,
+}
+
+/// The most content a bundle carries, whatever the client asks for: it is built in
+/// memory.
+const MAX_BUNDLE_BYTES: u64 = 1 << 20;
+
+/// A version's changeset and its small blobs in one pack (see
+/// `Repository::bundle`).
+async fn get_bundle(
+    State(repo): SharedRepository,
+    PathParameter(version): PathParameter<u64>,
+    QueryParameters(query): QueryParameters<BundleQuery>,
+) -> Result<Response, RepoError> {
+    let max_bytes = query.max_bytes.unwrap_or(0).min(MAX_BUNDLE_BYTES);
+    let pack = run_blocking(&repo, move |repo| repo.bundle(version, max_bytes)).await?;
+    Ok(([(header::CONTENT_TYPE, "application/octet-stream")], pack).into_response())
 }
 
 async fn commit_version(

@@ -15,7 +15,7 @@ use tokio::sync::watch;
 use tracing::info;
 use vdsync_proto::wire::{AgentInfo, CommitRequest, Hello, Outcome, VersionInfo};
 use vdsync_proto::{Changeset, EntryKind, Hash, Manifest};
-use vdsync_store::{read_blob, BlobStore, LocalBlobStore, StoreError, VersionLog};
+use vdsync_store::{read_blob, write_pack, BlobStore, LocalBlobStore, StoreError, VersionLog};
 
 use crate::agents::{after_hello, after_report, validate_agent_name};
 use crate::RepoError;
@@ -225,6 +225,28 @@ impl Repository {
             .map_err(|source| RepoError::StoredChangesetCorrupt { version, source })
     }
 
+    /// Version `version`'s changeset blob, then the distinct blobs it refers to, in
+    /// changeset order, as many as fit in `max_bytes` of content, as one pack: an
+    /// agent applying a small version gets all of it in one request.
+    pub fn bundle(&self, version: u64, max_bytes: u64) -> Result<Vec<u8>, RepoError> {
+        let info = self.version(version)?;
+        let changeset = self.changeset(version)?;
+        let mut hashes = vec![info.changeset];
+        let mut included = BTreeSet::new();
+        let mut budget = max_bytes;
+        for item in &changeset.entries {
+            if let Some((hash, size)) = item.entry.blob() {
+                if size <= budget && included.insert(hash) {
+                    budget -= size;
+                    hashes.push(hash);
+                }
+            }
+        }
+        let mut pack = Vec::new();
+        write_pack(&self.blob_store, &hashes, &mut pack).map_err(RepoError::Store)?;
+        Ok(pack)
+    }
+
     /// The hashes of `hashes` that are not stored, in request order, each once.
     pub fn missing_blobs(&self, hashes: &[Hash]) -> Result<Vec<Hash>, RepoError> {
         let mut seen = BTreeSet::new();
@@ -404,6 +426,67 @@ mod tests {
             put_bytes(repo.blobs(), content).unwrap();
         }
         repo
+    }
+
+    /// (hash, decoded content) of each record of `pack`.
+    fn unpack(pack: &[u8]) -> Vec<(Hash, Vec<u8>)> {
+        let mut input = std::io::BufReader::new(pack);
+        let mut records = Vec::new();
+        while let Some(header) = vdsync_store::read_pack_header(&mut input).unwrap() {
+            let mut content = Vec::new();
+            vdsync_store::read_frame(&mut input, header.hash, header.len, &mut |reader| {
+                reader.read_to_end(&mut content).map(|_| ())
+            })
+            .unwrap();
+            records.push((header.hash, content));
+        }
+        records
+    }
+
+    #[test]
+    fn a_bundle_is_the_changeset_then_the_blobs_that_fit() {
+        let dir = tempfile::tempdir().unwrap();
+        let small: &[u8] = b"small";
+        let large = vec![7u8; 1000];
+        let repo = open_with_contents(dir.path(), &[small, &large]);
+        let changeset = Changeset {
+            parent: None,
+            removed: vec![],
+            entries: vec![
+                file_entry("a-large", &large),
+                file_entry("b-small", small),
+                file_entry("c-small-again", small),
+            ],
+        };
+        let request = request_for(&repo, &changeset, "bundle");
+        repo.commit(&request).unwrap();
+
+        let records = unpack(&repo.bundle(0, 100).unwrap());
+        assert_eq!(
+            records.len(),
+            2,
+            "the changeset, then the one blob that fits once"
+        );
+        assert_eq!(records[0].0, request.changeset);
+        let parsed: Changeset = serde_json::from_slice(&records[0].1).unwrap();
+        assert_eq!(parsed, changeset);
+        assert_eq!(records[1], (Hash::of(small), small.to_vec()));
+
+        let everything = unpack(&repo.bundle(0, 1 << 20).unwrap());
+        let hashes: Vec<Hash> = everything.iter().map(|(hash, _)| *hash).collect();
+        assert_eq!(
+            hashes,
+            [request.changeset, Hash::of(&large), Hash::of(small)]
+        );
+        assert_eq!(
+            unpack(&repo.bundle(0, 0).unwrap()).len(),
+            1,
+            "only the changeset"
+        );
+        assert!(matches!(
+            repo.bundle(1, 100),
+            Err(RepoError::UnknownVersion(1))
+        ));
     }
 
     #[test]
