@@ -817,6 +817,9 @@ sys.stdin.read(); other.kill(); os.kill(pid, 9)\n";
         holder.wait().unwrap();
     }
 
+    /// Regression: in the one-change benchmark the agent SIGTERMed the benchmark's
+    /// tracker and push, which had opened deleted files whose inode numbers ext4
+    /// then gave to files the agent replaced.
     #[test]
     fn an_open_of_an_earlier_file_with_the_same_inode_number_does_not_count() {
         use std::io::BufRead;

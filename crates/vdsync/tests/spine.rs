@@ -288,6 +288,8 @@ fn deletions_and_kind_changes_round_trip() {
     lab.assert_agent_matches_dev("web");
 }
 
+/// Regression: placing an entry on a file system mounted inside the tree failed
+/// with EXDEV after the commit point, and every restart failed the same way.
 #[test]
 fn a_file_system_mounted_inside_the_machines_tree_gets_its_entries() {
     let lab = Lab::new(|dev| {
