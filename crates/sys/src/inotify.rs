@@ -193,6 +193,12 @@ impl RecursiveInotify {
         self.process(events)
     }
 
+    /// Watches `top` and every directory below it too (a file system mounted
+    /// there after the start hides what was watched).
+    pub fn watch_subtree(&mut self, top: &Path) -> io::Result<()> {
+        self.watch_tree(top)
+    }
+
     /// The inotify descriptor, readable when events are queued.
     pub fn fd(&self) -> BorrowedFd<'_> {
         self.fd.as_fd()

@@ -27,6 +27,33 @@ pub const PSEUDO_FILE_SYSTEMS: &[&str] = &[
     "rpc_pipefs",
 ];
 
+/// The mount table, watched: /proc/self/mountinfo reports `POLLPRI` once the
+/// table changed since the last poll.
+pub struct MountTable {
+    file: std::fs::File,
+}
+
+impl MountTable {
+    pub fn open() -> std::io::Result<MountTable> {
+        Ok(MountTable {
+            file: std::fs::File::open("/proc/self/mountinfo")?,
+        })
+    }
+
+    /// Whether a file system was mounted or unmounted since the last call (or
+    /// since `open`), without waiting.
+    pub fn changed(&mut self) -> bool {
+        let mut poll = [rustix::event::PollFd::new(
+            &self.file,
+            rustix::event::PollFlags::PRI,
+        )];
+        // The poll itself acknowledges the change (the kernel remembers, per open
+        // file, the last mount event it reported).
+        rustix::event::poll(&mut poll, Some(&rustix::event::Timespec::default()))
+            .is_ok_and(|ready| ready > 0)
+    }
+}
+
 /// Mount points strictly below `root`.
 pub fn mounts_below(root: &Path) -> Vec<PathBuf> {
     // Mount points are absolute, with symlinks resolved.

@@ -24,7 +24,7 @@
 //! lookups with the snapshot and writes the push's index update after the commit. A
 //! client that needs the whole index asks it to close the index first.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::io::{BufRead, BufReader, Write};
 use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
@@ -276,6 +276,14 @@ pub fn run(
         excludes: options.excludes,
     };
     let mut seen = Seen::default();
+    // File systems mounted below the root appear and go without an event: the mount
+    // table is looked at on every turn of the loop (so before any fence is answered).
+    let mut mount_table = vdsync_sys::mounts::MountTable::open().ok();
+    let mut mounts: BTreeSet<PathBuf> = vdsync_sys::mounts::mounts_below(&root)
+        .into_iter()
+        .collect();
+    // Mounted since the start and not watchable: every push rescans the whole root.
+    let mut unwatched: BTreeMap<PathBuf, String> = BTreeMap::new();
     let mut busy = false;
     let mut last_flush = Instant::now();
     // Snapshot requests waiting for their fence: (fence number, deadline, reply).
@@ -311,6 +319,12 @@ pub fn run(
         let mut counter = [0u8; 8];
         let _ = rustix::io::read(&*wake, &mut counter);
         busy = watcher.poll(&context, &mut seen)? > 0;
+        if mount_table
+            .as_mut()
+            .is_some_and(vdsync_sys::mounts::MountTable::changed)
+        {
+            mounts = follow_mounts(&mut watcher, &context, mounts, &mut unwatched, &mut seen);
+        }
 
         // Requests from clients.
         while let Ok(pending) = incoming.try_recv() {
@@ -319,6 +333,10 @@ pub fn run(
                     fences.push((fence, Instant::now() + FENCE_TIMEOUT, pending.reply));
                 }
                 LoopRequest::Clear { sequence } => {
+                    if let Some((mount, reason)) = unwatched.iter().next() {
+                        // Cleared by this push, needed by the next one.
+                        seen.root_reason = Some(unwatched_reason(mount, reason));
+                    }
                     let answer = match journal.clear_upto(sequence) {
                         Ok(()) => Response::Cleared,
                         Err(err) => Response::Error(vdsync_proto::display::error_chain(&err)),
@@ -555,6 +573,15 @@ impl Watcher {
         }
     }
 
+    /// Watches a file system mounted at `path` since the start, as `start` did the
+    /// ones mounted then.
+    fn add_mount(&mut self, path: &Path) -> std::io::Result<()> {
+        match self {
+            Watcher::Fanotify { group, .. } => group.also_watch(path).map(|_| ()),
+            Watcher::Inotify { inotify, .. } => inotify.watch_subtree(path),
+        }
+    }
+
     /// The descriptor that is readable when events are queued.
     fn fd(&self) -> std::os::fd::BorrowedFd<'_> {
         match self {
@@ -632,6 +659,47 @@ impl Watcher {
         }
         Ok(events_read)
     }
+}
+
+/// Looks at the mount table again after a change: a file system mounted below the
+/// root since the last look is watched, one unmounted is forgotten, and both
+/// subtrees are marked for rescan (their contents changed without an event). One
+/// that cannot be watched makes every push rescan the whole root while it stays.
+fn follow_mounts(
+    watcher: &mut Watcher,
+    context: &Context<'_>,
+    before: BTreeSet<PathBuf>,
+    unwatched: &mut BTreeMap<PathBuf, String>,
+    seen: &mut Seen,
+) -> BTreeSet<PathBuf> {
+    let now: BTreeSet<PathBuf> = vdsync_sys::mounts::mounts_below(context.root)
+        .into_iter()
+        .collect();
+    for added in now.difference(&before) {
+        let Some(path) = context.relative(added) else {
+            continue;
+        };
+        if let Err(err) = watcher.add_mount(added) {
+            tracing::warn!(mount = %added.display(), error = %err, "a new mount below the root cannot be watched");
+            unwatched.insert(added.clone(), err.to_string());
+            seen.root_reason = Some(unwatched_reason(added, &err.to_string()));
+        }
+        seen.mark(path, Mark::Subtree);
+    }
+    for removed in before.difference(&now) {
+        unwatched.remove(removed);
+        if let Some(path) = context.relative(removed) {
+            seen.mark(path, Mark::Subtree);
+        }
+    }
+    now
+}
+
+fn unwatched_reason(mount: &Path, error: &str) -> String {
+    format!(
+        "the file system mounted at {} cannot be watched ({error})",
+        mount.display()
+    )
 }
 
 /// The fence number if `event` creates one of our fence files.

@@ -7,9 +7,10 @@
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
+use std::time::Duration;
 
 use vdsync_test_support::{
-    assert_trees_equal, describe_tree, tempdir, GroupChild, Mount, TestRepo, Vdsync,
+    assert_trees_equal, describe_tree, tempdir, wait_until, GroupChild, Mount, TestRepo, Vdsync,
 };
 
 fn vdsync() -> Vdsync {
@@ -467,6 +468,51 @@ fn file_systems_mounted_below_the_root_are_tracked(watcher: Watcher) {
     lab.agent_matches_dev();
 }
 
+fn a_file_system_mounted_or_unmounted_while_tracking_is_seen(watcher: Watcher) {
+    let lab = Lab::new(watcher, |dev| {
+        std::fs::create_dir(dev.join("late")).unwrap();
+        std::fs::write(dev.join("late/under"), "hidden by the mount").unwrap();
+    });
+    // Mounted while the tracker runs: the tree under late/ changes without an event.
+    let late = Mount::ext4_image(&lab.dir.join("late.img"), 16, &lab.dev.join("late"));
+    std::fs::remove_dir(late.path.join("lost+found")).unwrap();
+    std::fs::write(late.path.join("before-any-write-was-watched"), "1").unwrap();
+    let report = lab.status_json();
+    assert_eq!(report["source"]["mode"], "journal", "{report}");
+    assert_eq!(
+        lab.status(),
+        pairs(&[
+            ("new", "late/before-any-write-was-watched"),
+            ("deleted", "late/under"),
+        ])
+    );
+    // And events inside it are seen from now on.
+    std::fs::create_dir(late.path.join("sub")).unwrap();
+    std::fs::write(late.path.join("sub/file"), "2").unwrap();
+    let pushed = lab.push();
+    assert_eq!(pushed["source"]["mode"], "journal", "{pushed}");
+    lab.agent_matches_dev();
+    std::fs::write(late.path.join("sub/file"), "3").unwrap();
+    assert_eq!(lab.status(), pairs(&[("modified", "late/sub/file")]));
+    lab.push();
+
+    // Unmounted: what was under it shows again.
+    drop(late);
+    wait_until(Duration::from_secs(10), "late/ to be unmounted", || {
+        lab.dev.join("late/under").exists()
+    });
+    assert_eq!(
+        lab.status(),
+        pairs(&[
+            ("deleted", "late/before-any-write-was-watched"),
+            ("deleted", "late/sub"),
+            ("new", "late/under"),
+        ])
+    );
+    lab.push();
+    lab.agent_matches_dev();
+}
+
 macro_rules! for_each_watcher {
     ($($scenario:ident),* $(,)?) => {
         mod fanotify {
@@ -488,6 +534,7 @@ for_each_watcher!(
     queue_overflow_marks_the_whole_root_for_rescan,
     changes_while_the_tracker_was_down_are_found_after_its_restart,
     file_systems_mounted_below_the_root_are_tracked,
+    a_file_system_mounted_or_unmounted_while_tracking_is_seen,
 );
 
 #[test]
