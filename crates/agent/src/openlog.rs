@@ -131,19 +131,7 @@ impl OpenLog {
     /// such as /proc are not tried).
     pub fn start(root: &Path) -> std::io::Result<(OpenLog, Vec<(PathBuf, String)>)> {
         let mut opens = OpenEvents::watch_filesystems(&[root])?;
-        let mut unwatched = Vec::new();
-        for mount in vdsync_sys::mounts::mounts_below(root) {
-            if let Err(err) = opens.also_watch(&mount) {
-                unwatched.push((mount, err.to_string()));
-            }
-        }
-        // Executions everywhere else too: a process running a program from another
-        // file system must not keep inheriting what its parent opened.
-        for mount in vdsync_sys::mounts::mount_points() {
-            if let Err(err) = opens.also_watch_execs(&mount) {
-                tracing::debug!(mount = %mount.display(), error = %err, "open log: executions there are not seen");
-            }
-        }
+        let unwatched = watch_mounts(&mut opens, root);
         let processes = ProcEvents::subscribe()?;
         let state = Arc::new(Mutex::new(State::default()));
         let rounds = Arc::new((Mutex::new(0u64), Condvar::new()));
@@ -157,6 +145,8 @@ impl OpenLog {
                 opens,
                 processes,
                 wake: Arc::clone(&wake),
+                root: root.to_path_buf(),
+                mount_table: vdsync_sys::mounts::MountTable::open().ok(),
             };
             let state = Arc::clone(&state);
             let rounds = Arc::clone(&rounds);
@@ -430,6 +420,28 @@ struct Streams {
     opens: OpenEvents,
     processes: ProcEvents,
     wake: Arc<OwnedFd>,
+    root: PathBuf,
+    /// File systems mounted later are watched too.
+    mount_table: Option<vdsync_sys::mounts::MountTable>,
+}
+
+/// Marks every file system mounted below `root` for opens and every other one for
+/// executions (a process running a program from another file system must not keep
+/// inheriting what its parent opened); file systems marked already are skipped.
+/// Returns the mounts below the root that could not be watched, with why.
+fn watch_mounts(opens: &mut OpenEvents, root: &Path) -> Vec<(PathBuf, String)> {
+    let mut unwatched = Vec::new();
+    for mount in vdsync_sys::mounts::mounts_below(root) {
+        if let Err(err) = opens.also_watch(&mount) {
+            unwatched.push((mount, err.to_string()));
+        }
+    }
+    for mount in vdsync_sys::mounts::mount_points() {
+        if let Err(err) = opens.also_watch_execs(&mount) {
+            tracing::debug!(mount = %mount.display(), error = %err, "open log: executions there are not seen");
+        }
+    }
+    unwatched
 }
 
 fn run(streams: Streams, state: &Mutex<State>, rounds: &(Mutex<u64>, Condvar), stop: &AtomicBool) {
@@ -437,6 +449,8 @@ fn run(streams: Streams, state: &Mutex<State>, rounds: &(Mutex<u64>, Condvar), s
         mut opens,
         mut processes,
         wake,
+        root,
+        mut mount_table,
     } = streams;
     let lock = || {
         state
@@ -465,6 +479,18 @@ fn run(streams: Streams, state: &Mutex<State>, rounds: &(Mutex<u64>, Condvar), s
         let mut counter = [0u8; 8];
         let _ = rustix::io::read(&*wake, &mut counter);
         lock().sequence += 1;
+        if mount_table
+            .as_mut()
+            .is_some_and(vdsync_sys::mounts::MountTable::changed)
+        {
+            for (mount, err) in watch_mounts(&mut opens, &root) {
+                tracing::warn!(mount = %mount.display(), error = %err, "open log: a new mount below the root cannot be watched");
+                lock().incomplete = Some(format!(
+                    "opens on the file system mounted at {} are not seen ({err})",
+                    mount.display()
+                ));
+            }
+        }
         // Process events first: a fork read now links a child whose opens come
         // next; the exec boundary comes from the open stream itself.
         match processes.read(Duration::ZERO) {
@@ -762,6 +788,57 @@ sys.stdin.read(); other.kill(); os.kill(pid, 9)\n";
         );
         drop(parent.stdin.take());
         parent.wait().unwrap();
+    }
+
+    #[test]
+    fn opens_on_a_file_system_mounted_after_the_start_are_seen() {
+        use std::io::BufRead;
+        use std::process::{Command, Stdio};
+        struct Unmount(PathBuf);
+        impl Drop for Unmount {
+            fn drop(&mut self) {
+                let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+            }
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let (log, _) = OpenLog::start(dir.path()).unwrap();
+        let late = dir.path().join("late");
+        std::fs::create_dir(&late).unwrap();
+        let mounted = Command::new("mount")
+            .args(["-t", "tmpfs", "vdsync-test"])
+            .arg(&late)
+            .status()
+            .unwrap();
+        assert!(mounted.success(), "mount -t tmpfs failed");
+        let _unmount = Unmount(late.clone());
+        std::fs::write(late.join("config"), b"setting").unwrap();
+        let late_dir = std::fs::File::open(&late).unwrap();
+        let file = entry(&late_dir, "config");
+        // The log looks at the mount table on its next round.
+        log.catch_up(Duration::from_secs(1));
+        let mut reader = Command::new("/usr/bin/python3")
+            .args([
+                "-c",
+                "import sys; open(sys.argv[1]).read(); print('read', flush=True); sys.stdin.read()",
+            ])
+            .arg(late.join("config"))
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        std::io::BufReader::new(reader.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        assert_eq!(line, "read\n");
+        log.catch_up(Duration::from_secs(1));
+        let pid = reader.id() as i32;
+        assert!(
+            openers(&log, file).contains(&pid),
+            "the open on the file system mounted after the start was not seen"
+        );
+        drop(reader.stdin.take());
+        reader.wait().unwrap();
     }
 
     #[test]
