@@ -71,10 +71,13 @@ pub type Fsid = u64;
 
 /// The id of the file system holding `path`.
 pub fn fsid_of(path: &Path) -> io::Result<Fsid> {
-    let stat = rustix::fs::statfs(path)?;
+    Ok(fsid_of_statfs(&rustix::fs::statfs(path)?))
+}
+
+fn fsid_of_statfs(stat: &rustix::fs::StatFs) -> Fsid {
     // SAFETY: fsid_t is two ints (`__val`, private in libc), 8 bytes with no padding.
     let words: [i32; 2] = unsafe { std::mem::transmute(stat.f_fsid) };
-    Ok(fsid_from_words(words))
+    fsid_from_words(words)
 }
 
 /// The kernel's 8 fsid bytes, read the way an event carries them.
@@ -106,9 +109,10 @@ impl Event {
 /// A fanotify group reporting directory handles and names.
 pub struct Fanotify {
     fd: OwnedFd,
-    /// A directory on each watched file system, by file system id, for
-    /// `open_by_handle_at`.
-    mounts: HashMap<Fsid, OwnedFd>,
+    /// Where each watched file system is mounted, by file system id: opened for
+    /// each `open_by_handle_at` rather than held open, which would keep the file
+    /// system from being unmounted.
+    mounts: HashMap<Fsid, PathBuf>,
     buffer: Vec<u8>,
 }
 
@@ -160,14 +164,7 @@ impl Fanotify {
                 c_path.as_ptr(),
             )
         })?;
-        let mount = rustix::fs::open(
-            path,
-            rustix::fs::OFlags::RDONLY
-                | rustix::fs::OFlags::DIRECTORY
-                | rustix::fs::OFlags::CLOEXEC,
-            rustix::fs::Mode::empty(),
-        )?;
-        self.mounts.insert(fsid, mount);
+        self.mounts.insert(fsid, path.to_path_buf());
         Ok(true)
     }
 
@@ -198,11 +195,24 @@ impl Fanotify {
     /// `fsid`. Fails (ESTALE) once the directory is gone, which is why callers cache
     /// what they resolved.
     pub fn resolve(&self, fsid: Fsid, handle: &FileHandle) -> io::Result<PathBuf> {
-        let mount = self.mounts.get(&fsid).ok_or_else(|| {
+        let mount_path = self.mounts.get(&fsid).ok_or_else(|| {
             io::Error::other(format!(
                 "an event names file system {fsid:#x}, which is not watched"
             ))
         })?;
+        let mount = rustix::fs::open(
+            mount_path,
+            // Not O_PATH: open_by_handle_at refuses those (EBADF).
+            rustix::fs::OFlags::RDONLY
+                | rustix::fs::OFlags::DIRECTORY
+                | rustix::fs::OFlags::CLOEXEC,
+            rustix::fs::Mode::empty(),
+        )?;
+        if fsid_of_statfs(&rustix::fs::fstatfs(&mount)?) != fsid {
+            // Unmounted since: what was on it is gone from the tree, like a deleted
+            // directory.
+            return Err(io::Error::from_raw_os_error(libc::ESTALE));
+        }
         let header = std::mem::size_of::<libc::file_handle>();
         // u32-aligned storage for `struct file_handle` followed by its bytes.
         let mut storage = vec![0u32; (header + handle.bytes.len()).div_ceil(4)];

@@ -481,6 +481,14 @@ impl Mount {
     }
 }
 
+impl Mount {
+    /// Unmounts now, as an operator would (`umount`, not lazily): fails the test if
+    /// something keeps the file system busy.
+    pub fn unmount(self) {
+        run_ok(Command::new("umount").arg(&self.path));
+    }
+}
+
 impl Drop for Mount {
     fn drop(&mut self) {
         let _ = Command::new("umount").arg("-l").arg(&self.path).status();

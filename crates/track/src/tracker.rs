@@ -318,7 +318,8 @@ pub fn run(
         })?;
         let mut counter = [0u8; 8];
         let _ = rustix::io::read(&*wake, &mut counter);
-        busy = watcher.poll(&context, &mut seen)? > 0;
+        let events = watcher.poll(&context, &mut seen)?;
+        busy = events > 0;
         if mount_table
             .as_mut()
             .is_some_and(vdsync_sys::mounts::MountTable::changed)
@@ -346,6 +347,16 @@ pub fn run(
             }
         }
 
+        if seen.overflowed && events == 0 {
+            // Read empty after an overflow: a fence whose creation was dropped with
+            // the overflow would never be seen. Every request waiting now came
+            // before this read, and the snapshot says the whole root is to be
+            // rescanned, which covers whatever was lost.
+            seen.overflowed = false;
+            if let Some(highest) = fences.iter().map(|(number, _, _)| *number).max() {
+                seen.fence = seen.fence.max(highest);
+            }
+        }
         let fence_due = fences.iter().any(|(number, _, _)| *number <= seen.fence);
         let batch_due = last_flush.elapsed() >= BATCH_INTERVAL;
         if (fence_due || batch_due) && (!seen.marks.is_empty() || seen.root_reason.is_some()) {
@@ -395,6 +406,9 @@ struct Seen {
     root_reason: Option<String>,
     /// The highest fence number whose file's creation has been read.
     fence: u64,
+    /// The kernel's queue overflowed and has not been read empty since: events
+    /// were lost, fence creations among them perhaps.
+    overflowed: bool,
 }
 
 impl Seen {
@@ -609,6 +623,7 @@ impl Watcher {
                 for event in &events {
                     if event.is_overflow() {
                         seen.root_reason = Some("the kernel's event queue overflowed".to_owned());
+                        seen.overflowed = true;
                         continue;
                     }
                     if let Some(number) = fanotify_fence(event, state_handle) {
@@ -634,6 +649,7 @@ impl Watcher {
                 events_read = changes.len();
                 if inotify.take_overflow() {
                     seen.root_reason = Some("the kernel's event queue overflowed".to_owned());
+                    seen.overflowed = true;
                 }
                 for change in changes {
                     if change.path.parent() == Some(state_dir.as_path()) {
@@ -741,7 +757,7 @@ impl Resolver {
             let key = (name.fsid, name.dir.clone());
             let directory = match self.cache.get(&key) {
                 Some(path) => path.clone(),
-                None => match group.resolve(name.fsid, &name.dir) {
+                None => match resolve_retrying(group, name.fsid, &name.dir) {
                     Ok(path) => {
                         if self.cache.len() >= RESOLVER_CACHE_LIMIT {
                             // Resolving again is correct, only slower: start over
@@ -787,6 +803,19 @@ impl Resolver {
             self.cache.clear();
         }
         Ok(())
+    }
+}
+
+/// [`Fanotify::resolve`], tried once more after ENOMEM before the caller gives up
+/// and marks the whole root: decoding a directory handle while directories around
+/// it are created and deleted failed that way once in the write-storm test (the
+/// kernel's handle decoding turns every other failure into ESTALE).
+fn resolve_retrying(group: &Fanotify, fsid: Fsid, handle: &FileHandle) -> std::io::Result<PathBuf> {
+    match group.resolve(fsid, handle) {
+        Err(err) if vdsync_sys::errno(&err) == Some(vdsync_sys::Errno::NOMEM) => {
+            group.resolve(fsid, handle)
+        }
+        other => other,
     }
 }
 
