@@ -101,14 +101,42 @@ impl Journal {
         db_error(&self.path, err)
     }
 
-    /// Records one batch of marks (and, if given, a whole-root rescan) durably, as
-    /// one transaction. Returns the batch's sequence number.
+    /// Starts a tracker's run: records a whole-root rescan (what changed while no
+    /// tracker ran is unknown), durably, with the first sequence number of a new
+    /// epoch. Sequence numbers are (epoch << 32) + counter, so those of this run are
+    /// above any the previous run handed out, including ones recorded without a
+    /// sync and lost with it: a clear asked for by a push of the previous run can
+    /// never remove a mark of this one.
+    pub fn record_start(&self, reason: &str) -> Result<u64, TrackError> {
+        self.write(&BTreeMap::new(), Some(reason), true, |previous| {
+            ((previous >> 32) + 1) << 32
+        })
+    }
+
+    /// Records one batch of marks (and, if given, a whole-root rescan) as one
+    /// transaction, synced if `durable`. Returns the batch's sequence number. A
+    /// batch lost in a crash is harmless: the next tracker starts with a whole-root
+    /// rescan and a new epoch (see [`Journal::record_start`]).
     pub fn record(
         &self,
         marks: &BTreeMap<RepoPath, Mark>,
         root_reason: Option<&str>,
+        durable: bool,
     ) -> Result<u64, TrackError> {
-        let txn = self.db.begin_write().map_err(|e| self.error(e))?;
+        self.write(marks, root_reason, durable, |previous| previous + 1)
+    }
+
+    fn write(
+        &self,
+        marks: &BTreeMap<RepoPath, Mark>,
+        root_reason: Option<&str>,
+        durable: bool,
+        next_sequence: impl FnOnce(u64) -> u64,
+    ) -> Result<u64, TrackError> {
+        let mut txn = self.db.begin_write().map_err(|e| self.error(e))?;
+        if !durable {
+            txn.set_durability(redb::Durability::None);
+        }
         let sequence;
         {
             let mut meta = txn.open_table(META).map_err(|e| self.error(e))?;
@@ -117,7 +145,7 @@ impl Journal {
                 .map_err(|e| self.error(e))?
                 .and_then(|v| v.value().try_into().ok().map(u64::from_le_bytes))
                 .unwrap_or(0);
-            sequence = previous + 1;
+            sequence = next_sequence(previous);
             meta.insert(SEQUENCE_KEY, sequence.to_le_bytes().as_slice())
                 .map_err(|e| self.error(e))?;
             if let Some(reason) = root_reason {
@@ -204,9 +232,8 @@ impl Journal {
     ///
     /// Not synced: it becomes durable with the next batch recorded. A clear lost in a
     /// crash leaves marks that the next push looks at again and finds unchanged,
-    /// while a sync here would add to every push. (Recording, by contrast, stays
-    /// durable: sequence numbers must never run backwards, or a clear could remove
-    /// marks recorded after it was asked for.)
+    /// while a sync here would add to every push. (Sequence numbers never run
+    /// backwards across a crash: see [`Journal::record_start`].)
     pub fn clear_upto(&self, sequence: u64) -> Result<(), TrackError> {
         let mut txn = self.db.begin_write().map_err(|e| self.error(e))?;
         txn.set_durability(redb::Durability::None);
@@ -252,11 +279,12 @@ mod tests {
             .record(
                 &marks(&[("a", Mark::Subtree), ("a/x", Mark::Path), ("b", Mark::Path)]),
                 Some("tracker started"),
+                true,
             )
             .unwrap();
         // A later plain mark does not weaken the subtree mark.
         let second = journal
-            .record(&marks(&[("a", Mark::Path), ("c", Mark::Path)]), None)
+            .record(&marks(&[("a", Mark::Path), ("c", Mark::Path)]), None, true)
             .unwrap();
         assert!(second > first);
         let snapshot = journal.snapshot(100).unwrap();
@@ -292,5 +320,37 @@ mod tests {
         drop(journal);
         let reopened = Journal::open(&temp.path().join("journal.redb")).unwrap();
         assert_eq!(reopened.mark_count().unwrap(), 2);
+    }
+
+    #[test]
+    fn a_new_run_numbers_above_everything_the_last_one_handed_out() {
+        let temp = tempfile::tempdir().unwrap();
+        let path = temp.path().join("journal.redb");
+        let journal = Journal::open(&path).unwrap();
+        let started = journal.record_start("started").unwrap();
+        let durable = journal
+            .record(&marks(&[("a", Mark::Path)]), None, true)
+            .unwrap();
+        let handed_out = journal
+            .record(&marks(&[("b", Mark::Path)]), None, false)
+            .unwrap();
+        assert!(started < durable && durable < handed_out);
+        // The run ends in a crash: the file as it is now, before the sync a clean
+        // close makes, is what the next run finds (its last batch is lost).
+        let crashed = temp.path().join("crashed.redb");
+        std::fs::copy(&path, &crashed).unwrap();
+        drop(journal);
+        let next_run = Journal::open(&crashed).unwrap();
+        let restarted = next_run.record_start("started again").unwrap();
+        assert!(
+            restarted > handed_out,
+            "{restarted} must be above {handed_out}, or a clear the last run's push asks for could remove this run's marks"
+        );
+        // Such a clear leaves this run's root mark in place.
+        next_run.clear_upto(handed_out).unwrap();
+        assert_eq!(
+            next_run.snapshot(100).unwrap().root.unwrap().reason,
+            "started again"
+        );
     }
 }

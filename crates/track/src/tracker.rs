@@ -239,10 +239,8 @@ pub fn run(
     let journal = Journal::open(&state_dir.join(JOURNAL_NAME))?;
     let mut watcher = Watcher::start(options.watcher, &root, &state_dir, options.excludes)?;
     // From here on every change is seen; what happened before is not known.
-    journal.record(
-        &BTreeMap::new(),
-        Some("the tracker started: changes made while it was not running are unknown"),
-    )?;
+    journal
+        .record_start("the tracker started: changes made while it was not running are unknown")?;
     remove_fence_files(&state_dir, u64::MAX);
 
     let socket_path = state_dir.join(SOCKET_NAME);
@@ -360,7 +358,8 @@ pub fn run(
         let fence_due = fences.iter().any(|(number, _, _)| *number <= seen.fence);
         let batch_due = last_flush.elapsed() >= BATCH_INTERVAL;
         if (fence_due || batch_due) && (!seen.marks.is_empty() || seen.root_reason.is_some()) {
-            journal.record(&seen.marks, seen.root_reason.as_deref())?;
+            // Synced with the batches, not for a snapshot: a push waits for this one.
+            journal.record(&seen.marks, seen.root_reason.as_deref(), !fence_due)?;
             seen.marks.clear();
             seen.root_reason = None;
             last_flush = Instant::now();
@@ -392,7 +391,7 @@ pub fn run(
         });
     }
     if !seen.marks.is_empty() || seen.root_reason.is_some() {
-        journal.record(&seen.marks, seen.root_reason.as_deref())?;
+        journal.record(&seen.marks, seen.root_reason.as_deref(), true)?;
     }
     let _ = std::fs::remove_file(&socket_path);
     index.release();
@@ -806,16 +805,21 @@ impl Resolver {
     }
 }
 
-/// [`Fanotify::resolve`], tried once more after ENOMEM before the caller gives up
-/// and marks the whole root: decoding a directory handle while directories around
-/// it are created and deleted failed that way once in the write-storm test (the
-/// kernel's handle decoding turns every other failure into ESTALE).
+/// [`Fanotify::resolve`], tried again (up to 3 times, 1 ms apart) after ENOMEM
+/// before the caller gives up and marks the whole root: decoding a directory
+/// handle under a write storm failed that way now and then in the tests (the
+/// kernel's handle decoding turns every other failure into ESTALE; ENOMEM is an
+/// allocation that failed, which a moment later may not).
 fn resolve_retrying(group: &Fanotify, fsid: Fsid, handle: &FileHandle) -> std::io::Result<PathBuf> {
-    match group.resolve(fsid, handle) {
-        Err(err) if vdsync_sys::errno(&err) == Some(vdsync_sys::Errno::NOMEM) => {
-            group.resolve(fsid, handle)
+    let mut tries = 1;
+    loop {
+        match group.resolve(fsid, handle) {
+            Err(err) if tries < 4 && vdsync_sys::errno(&err) == Some(vdsync_sys::Errno::NOMEM) => {
+                tries += 1;
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            other => return other,
         }
-        other => other,
     }
 }
 
