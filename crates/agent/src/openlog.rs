@@ -733,10 +733,67 @@ mod tests {
             .collect()
     }
 
+    /// A python3 script run with `argument`, its stdout read line by line, its
+    /// stdin held open (closing it ends the scripts below); killed when dropped.
+    struct Python {
+        child: std::process::Child,
+        stdout: std::io::BufReader<std::process::ChildStdout>,
+    }
+
+    impl Python {
+        fn run(script: &str, argument: &Path) -> Python {
+            use std::process::{Command, Stdio};
+            let mut child = Command::new("/usr/bin/python3")
+                .args(["-c", script])
+                .arg(argument)
+                .stdin(Stdio::piped())
+                .stdout(Stdio::piped())
+                .spawn()
+                .unwrap();
+            let stdout = std::io::BufReader::new(child.stdout.take().unwrap());
+            Python { child, stdout }
+        }
+
+        fn pid(&self) -> i32 {
+            self.child.id() as i32
+        }
+
+        fn line(&mut self) -> String {
+            use std::io::BufRead;
+            let mut line = String::new();
+            self.stdout.read_line(&mut line).unwrap();
+            line
+        }
+
+        fn say(&mut self, line: &str) {
+            use std::io::Write;
+            let stdin = self.child.stdin.as_mut().unwrap();
+            stdin.write_all(line.as_bytes()).unwrap();
+            stdin.flush().unwrap();
+        }
+    }
+
+    impl Drop for Python {
+        fn drop(&mut self) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+
+    /// Reads the file named by its argument, says "read", then waits.
+    const READ_AND_WAIT: &str =
+        "import sys; open(sys.argv[1]).read(); print('read', flush=True); sys.stdin.read()";
+
+    /// Every event queued before the call has been read.
+    fn caught_up(log: &OpenLog) {
+        assert!(
+            log.catch_up(Duration::from_secs(10)),
+            "the open log did not catch up within 10 s"
+        );
+    }
+
     #[test]
     fn a_child_inherits_what_its_parent_opened_until_it_runs_another_program() {
-        use std::io::BufRead;
-        use std::process::{Command, Stdio};
         let dir = tempfile::tempdir().unwrap();
         let dir_file = std::fs::File::open(dir.path()).unwrap();
         let (log, _) = OpenLog::start(dir.path()).unwrap();
@@ -751,49 +808,29 @@ if pid == 0:\n    sys.stdin.read(); os._exit(0)\n\
 other = subprocess.Popen(['/usr/bin/sleep', '30'])\n\
 print(pid, other.pid, flush=True)\n\
 sys.stdin.read(); other.kill(); os.kill(pid, 9)\n";
-        let mut parent = Command::new("/usr/bin/python3")
-            .args(["-c", script])
-            .arg(&config)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let mut line = String::new();
-        std::io::BufReader::new(parent.stdout.take().unwrap())
-            .read_line(&mut line)
-            .unwrap();
-        let pids: Vec<i32> = line
+        let mut parent = Python::run(script, &config);
+        let pids: Vec<i32> = parent
+            .line()
             .split_whitespace()
             .map(|word| word.parse().unwrap())
             .collect();
         let (forked, execed) = (pids[0], pids[1]);
-        let parent_pid = parent.id() as i32;
-        let file = entry(&dir_file, "config");
-        let deadline = std::time::Instant::now() + Duration::from_secs(10);
-        let openers = loop {
-            log.catch_up(Duration::from_secs(1));
-            let openers = openers(&log, file);
-            if openers.contains(&parent_pid) && openers.contains(&forked) {
-                break openers;
-            }
-            assert!(
-                std::time::Instant::now() < deadline,
-                "within 10 s the log did not name python and its forked child as openers: {openers:?}"
-            );
-            std::thread::sleep(Duration::from_millis(10));
-        };
+        // The fork, the exec and the open all happened before the line was printed.
+        caught_up(&log);
+        let openers = openers(&log, entry(&dir_file, "config"));
+        assert!(
+            openers.contains(&parent.pid()) && openers.contains(&forked),
+            "the log did not name python and its forked child as openers: {openers:?}"
+        );
         assert!(
             !openers.contains(&execed),
             "the child running sleep inherited its parent's open: {openers:?}"
         );
-        drop(parent.stdin.take());
-        parent.wait().unwrap();
     }
 
     #[test]
     fn opens_on_a_file_system_mounted_after_the_start_are_seen() {
-        use std::io::BufRead;
-        use std::process::{Command, Stdio};
+        use std::process::Command;
         struct Unmount(PathBuf);
         impl Drop for Unmount {
             fn drop(&mut self) {
@@ -812,39 +849,20 @@ sys.stdin.read(); other.kill(); os.kill(pid, 9)\n";
         assert!(mounted.success(), "mount -t tmpfs failed");
         let _unmount = Unmount(late.clone());
         std::fs::write(late.join("config"), b"setting").unwrap();
-        let late_dir = std::fs::File::open(&late).unwrap();
-        let file = entry(&late_dir, "config");
+        let file = entry(&std::fs::File::open(&late).unwrap(), "config");
         // The log looks at the mount table on its next round.
-        log.catch_up(Duration::from_secs(1));
-        let mut reader = Command::new("/usr/bin/python3")
-            .args([
-                "-c",
-                "import sys; open(sys.argv[1]).read(); print('read', flush=True); sys.stdin.read()",
-            ])
-            .arg(late.join("config"))
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let mut line = String::new();
-        std::io::BufReader::new(reader.stdout.take().unwrap())
-            .read_line(&mut line)
-            .unwrap();
-        assert_eq!(line, "read\n");
-        log.catch_up(Duration::from_secs(1));
-        let pid = reader.id() as i32;
+        caught_up(&log);
+        let mut reader = Python::run(READ_AND_WAIT, &late.join("config"));
+        assert_eq!(reader.line(), "read\n");
+        caught_up(&log);
         assert!(
-            openers(&log, file).contains(&pid),
+            openers(&log, file).contains(&reader.pid()),
             "the open on the file system mounted after the start was not seen"
         );
-        drop(reader.stdin.take());
-        reader.wait().unwrap();
     }
 
     #[test]
     fn a_process_read_before_is_read_again_once_it_opens_something() {
-        use std::io::{BufRead, Write};
-        use std::process::{Command, Stdio};
         let dir = tempfile::tempdir().unwrap();
         let dir_file = std::fs::File::open(dir.path()).unwrap();
         let (log, _) = OpenLog::start(dir.path()).unwrap();
@@ -853,22 +871,13 @@ sys.stdin.read(); other.kill(); os.kill(pid, 9)\n";
         let (file, _) = entry(&dir_file, "data");
         let wanted = HashSet::from([file]);
         // Waits for a line on stdin, then opens the file and keeps it open.
-        let mut holder = Command::new("/usr/bin/python3")
-            .args([
-                "-c",
-                "import sys; print('up', flush=True); sys.stdin.readline(); \
-                 f = open(sys.argv[1]); print('holding', flush=True); sys.stdin.readline()",
-            ])
-            .arg(&data)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let pid = holder.id() as i32;
-        let mut stdout = std::io::BufReader::new(holder.stdout.take().unwrap());
-        let mut line = String::new();
-        stdout.read_line(&mut line).unwrap();
-        assert_eq!(line, "up\n");
+        let mut holder = Python::run(
+            "import sys; print('up', flush=True); sys.stdin.readline(); \
+             f = open(sys.argv[1]); print('holding', flush=True); sys.stdin.readline()",
+            &data,
+        );
+        assert_eq!(holder.line(), "up\n");
+        let pid = holder.pid();
         let holds = |processes: &[ProcessFiles]| {
             processes
                 .iter()
@@ -882,16 +891,11 @@ sys.stdin.read(); other.kill(); os.kill(pid, 9)\n";
             "python is running, not holding the file yet"
         );
 
-        let mut stdin = holder.stdin.take().unwrap();
-        stdin.write_all(b"go\n").unwrap();
-        line.clear();
-        stdout.read_line(&mut line).unwrap();
-        assert_eq!(line, "holding\n");
+        holder.say("go\n");
+        assert_eq!(holder.line(), "holding\n");
         // Not everything is read again; python is, since it opened something.
         let second = log.processes(&wanted, &HashSet::new(), false);
         assert_eq!(holds(&second), Some(true), "python's open was not noticed");
-        drop(stdin);
-        holder.wait().unwrap();
     }
 
     /// Regression: in the one-change benchmark the agent SIGTERMed the benchmark's
@@ -899,38 +903,19 @@ sys.stdin.read(); other.kill(); os.kill(pid, 9)\n";
     /// then gave to files the agent replaced.
     #[test]
     fn an_open_of_an_earlier_file_with_the_same_inode_number_does_not_count() {
-        use std::io::BufRead;
-        use std::process::{Command, Stdio};
         let dir = tempfile::tempdir().unwrap();
         let dir_file = std::fs::File::open(dir.path()).unwrap();
         let (log, _) = OpenLog::start(dir.path()).unwrap();
         let first = dir.path().join("first");
         std::fs::write(&first, b"one").unwrap();
-        let mut reader = Command::new("/usr/bin/python3")
-            .args([
-                "-c",
-                "import sys; open(sys.argv[1]).read(); print('read', flush=True); sys.stdin.read()",
-            ])
-            .arg(&first)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let mut line = String::new();
-        std::io::BufReader::new(reader.stdout.take().unwrap())
-            .read_line(&mut line)
-            .unwrap();
-        assert_eq!(line, "read\n");
-        let pid = reader.id() as i32;
+        let mut reader = Python::run(READ_AND_WAIT, &first);
+        assert_eq!(reader.line(), "read\n");
+        caught_up(&log);
         let first_entry = entry(&dir_file, "first");
-        let deadline = std::time::Instant::now() + Duration::from_secs(10);
-        while !openers(&log, first_entry).contains(&pid) {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "the open log did not see python open the file within 10 s"
-            );
-            std::thread::sleep(Duration::from_millis(10));
-        }
+        assert!(
+            openers(&log, first_entry).contains(&reader.pid()),
+            "the open log did not see python open the file"
+        );
 
         std::fs::remove_file(&first).unwrap();
         let reused = (0..1000)
@@ -943,10 +928,8 @@ sys.stdin.read(); other.kill(); os.kill(pid, 9)\n";
         let second_entry = entry(&dir_file, &reused);
         assert_ne!(second_entry.1, first_entry.1);
         assert!(
-            !openers(&log, second_entry).contains(&pid),
+            !openers(&log, second_entry).contains(&reader.pid()),
             "python opened the deleted file, not the one that now has its inode number"
         );
-        reader.kill().unwrap();
-        reader.wait().unwrap();
     }
 }
