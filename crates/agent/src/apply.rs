@@ -428,8 +428,7 @@ impl Applier {
                     file.sync_all()?;
                 }
                 for &other in &users[1..] {
-                    let mut source =
-                        File::open(stage.join(String::from_utf8_lossy(&name).as_ref()))?;
+                    let mut source = vdsync_sys::open_file_at(stage_fd, &name)?;
                     let mut copy = vdsync_sys::create_file_at(stage_fd, &stage_name(other))?;
                     let mut runs = SegmentReader::from_entry(&mut source, &first_entry.kind);
                     write_content(&mut copy, &changeset.entries[other].entry.kind, &mut runs)?;
@@ -853,13 +852,7 @@ fn copy_to_stage(
     stage: BorrowedFd<'_>,
     to_name: &[u8],
 ) -> io::Result<()> {
-    use std::os::unix::ffi::OsStrExt;
-    let mut source = File::from(rustix::fs::openat(
-        dir,
-        std::ffi::OsStr::from_bytes(name),
-        rustix::fs::OFlags::RDONLY | rustix::fs::OFlags::NOFOLLOW | rustix::fs::OFlags::CLOEXEC,
-        rustix::fs::Mode::empty(),
-    )?);
+    let mut source = vdsync_sys::open_file_at(dir, name)?;
     let stat = rustix::fs::fstat(&source)?;
     let mut copy = vdsync_sys::create_file_at(stage, to_name)?;
     io::copy(&mut source, &mut copy)?;
@@ -887,7 +880,6 @@ fn place_across(
     temporary: &[u8],
     entry: &vdsync_proto::Entry,
 ) -> io::Result<()> {
-    use std::os::unix::ffi::OsStrExt;
     let meta = &entry.meta;
     // Left by an earlier run that crashed.
     vdsync_sys::remove_at(parent, temporary)?;
@@ -908,14 +900,7 @@ fn place_across(
             vdsync_sys::set_mtime_at(parent, temporary, meta.mtime.sec, meta.mtime.nsec)?;
         }
         EntryKind::File { .. } | EntryKind::HardLink { .. } => {
-            let mut source = File::from(rustix::fs::openat(
-                stage,
-                std::ffi::OsStr::from_bytes(name),
-                rustix::fs::OFlags::RDONLY
-                    | rustix::fs::OFlags::NOFOLLOW
-                    | rustix::fs::OFlags::CLOEXEC,
-                rustix::fs::Mode::empty(),
-            )?);
+            let mut source = vdsync_sys::open_file_at(stage, name)?;
             let mut copy = vdsync_sys::create_file_at(parent, temporary)?;
             match &entry.kind {
                 EntryKind::File { .. } => {
