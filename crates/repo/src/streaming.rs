@@ -40,14 +40,20 @@ pub(crate) async fn ingest_body(repo: Arc<Repository>, body: Body) -> Result<u64
     let blocking_reader = SyncIoBridge::new(StreamReader::new(byte_stream));
     run_blocking(&repo, move |repo| {
         let mut reader = BufReader::with_capacity(CHUNK_LEN, blocking_reader);
-        let received = ingest_pack(repo.blobs(), &mut reader, repo.max_blob_len())
-            .map_err(RepoError::PackRefused)?;
-        repo.blobs()
-            .sync_blobs(&received)
-            .map_err(RepoError::Store)?;
-        Ok(received.len() as u64)
+        Ok(store_pack(repo, &mut reader)?.len() as u64)
     })
     .await
+}
+
+/// Stores the blobs of the pack `reader` holds and makes them durable; returns
+/// their hashes.
+fn store_pack(repo: &Repository, reader: &mut dyn io::BufRead) -> Result<Vec<Hash>, RepoError> {
+    let received =
+        ingest_pack(repo.blobs(), reader, repo.max_blob_len()).map_err(RepoError::PackRefused)?;
+    repo.blobs()
+        .sync_blobs(&received)
+        .map_err(RepoError::Store)?;
+    Ok(received)
 }
 
 /// `POST /v1/versions/pack`: a commit request, then a pack (see
@@ -63,11 +69,7 @@ pub(crate) async fn ingest_and_commit(
     run_blocking(&repo, move |repo| {
         let mut reader = BufReader::with_capacity(CHUNK_LEN, blocking_reader);
         let request = read_commit_prefix(&mut reader)?;
-        let received = ingest_pack(repo.blobs(), &mut reader, repo.max_blob_len())
-            .map_err(RepoError::PackRefused)?;
-        repo.blobs()
-            .sync_blobs(&received)
-            .map_err(RepoError::Store)?;
+        store_pack(repo, &mut reader)?;
         repo.commit(&request)
     })
     .await
@@ -75,11 +77,11 @@ pub(crate) async fn ingest_and_commit(
 
 /// Reads the length-prefixed commit request at the start of a commit-with-pack body.
 fn read_commit_prefix(reader: &mut dyn Read) -> Result<CommitRequest, RepoError> {
-    let truncated = |error: io::Error| {
+    fn invalid(error: impl std::fmt::Display) -> RepoError {
         RepoError::InvalidRequest(format!("the commit request before the pack: {error}"))
-    };
+    }
     let mut length = [0u8; COMMIT_PREFIX_LEN_BYTES];
-    reader.read_exact(&mut length).map_err(truncated)?;
+    reader.read_exact(&mut length).map_err(invalid)?;
     let length = u32::from_le_bytes(length) as usize;
     if length > JSON_BODY_LIMIT {
         return Err(RepoError::BodyTooLarge {
@@ -87,10 +89,8 @@ fn read_commit_prefix(reader: &mut dyn Read) -> Result<CommitRequest, RepoError>
         });
     }
     let mut json = vec![0u8; length];
-    reader.read_exact(&mut json).map_err(truncated)?;
-    serde_json::from_slice(&json).map_err(|error| {
-        RepoError::InvalidRequest(format!("the commit request before the pack: {error}"))
-    })
+    reader.read_exact(&mut json).map_err(invalid)?;
+    serde_json::from_slice(&json).map_err(invalid)
 }
 
 /// A response body that streams the pack of `hashes`, written on a blocking thread.
