@@ -411,6 +411,12 @@ struct Seen {
 }
 
 impl Seen {
+    /// The kernel's queue overflowed: the whole root is to be rescanned.
+    fn overflow(&mut self) {
+        self.root_reason = Some("the kernel's event queue overflowed".to_owned());
+        self.overflowed = true;
+    }
+
     fn mark(&mut self, path: RepoPath, mark: Mark) {
         let slot = self.marks.entry(path).or_insert(mark);
         *slot = (*slot).max(mark);
@@ -621,8 +627,7 @@ impl Watcher {
                 events_read = events.len();
                 for event in &events {
                     if event.is_overflow() {
-                        seen.root_reason = Some("the kernel's event queue overflowed".to_owned());
-                        seen.overflowed = true;
+                        seen.overflow();
                         continue;
                     }
                     if let Some(number) = fanotify_fence(event, state_handle) {
@@ -647,8 +652,7 @@ impl Watcher {
                 };
                 events_read = changes.len();
                 if inotify.take_overflow() {
-                    seen.root_reason = Some("the kernel's event queue overflowed".to_owned());
-                    seen.overflowed = true;
+                    seen.overflow();
                 }
                 for change in changes {
                     if change.path.parent() == Some(state_dir.as_path()) {
