@@ -8,8 +8,12 @@
 //!   of the same change to a copy that already holds the previous tree. Target: 100x
 //!   faster.
 //! - `tracker-overhead`: `tar -xf` of a 50,000-file archive into a fresh ext4 file
-//!   system (a loop-mounted image made for each run), alternately without and with
-//!   `vdsync track` watching it. Target: at most 5% slower.
+//!   system (a loop-mounted image made for each run), with nothing watching, with
+//!   `vdsync track` watching, and with the peer that shows the kernel's part:
+//!   `fanotify_floor` (an example of vdsync-sys) asks for the tracker's events on the
+//!   same kind of mark, reads them at the tracker's pace and drops them. The kernel
+//!   queues each event in the writer's own time, so that run is the least any
+//!   tracker of these events costs. Target: at most 5% slower.
 //! - `tracker-memory`: the tracker's peak and resident memory (VmHWM, VmRSS) once
 //!   1,000,000 new names (hard links, see `create_names`) are in its journal, before
 //!   and after `vdsync status` asks for the journal. Target: 64 MiB.
@@ -32,12 +36,12 @@ use anyhow::{bail, Context, Result};
 use vdsync_test_support::{GroupChild, Mount};
 
 use crate::harness::{
-    build_release, check_copy, describe_command, find_on_path, initialize_repository, load_average,
-    log_tail, machine_summary, mebibytes, median, milliseconds, narrate, parse_push_report,
-    push_command, ratio_text, run_checked, scratch_directory, seconds, speedup,
-    start_repository_server, start_tracker, sync_file_systems, wait_for_agents_at_version,
-    with_trailing_slash, BackgroundProcesses, PushReport, SmallFileTree, Tracker, Vdsync,
-    Xorshift64,
+    build_fanotify_floor, build_release, check_copy, describe_command, find_on_path,
+    initialize_repository, load_average, log_tail, machine_summary, mebibytes, median,
+    milliseconds, narrate, parse_push_report, push_command, ratio_text, run_checked,
+    scratch_directory, seconds, speedup, start_repository_server, start_tracker, sync_file_systems,
+    wait_for_agents_at_version, wait_until, with_trailing_slash, BackgroundProcesses, PushReport,
+    SmallFileTree, Tracker, Vdsync, Xorshift64,
 };
 
 /// Per-run figures of a few hundred milliseconds on a noisy disk: five runs give a
@@ -81,6 +85,8 @@ const ARCHIVE_TREE: SmallFileTree = SmallFileTree {
     seed: 50,
 };
 const TRACKER_OVERHEAD_TARGET_PERCENT: f64 = 5.0;
+/// `fanotify_floor` prints `ready` as soon as its mark is in place.
+const FLOOR_START_TIMEOUT: Duration = Duration::from_secs(30);
 /// The file system each extraction gets: the tree takes about 250 MiB there.
 const UNTAR_FILE_SYSTEM_MEGABYTES: u32 = 1024;
 
@@ -510,6 +516,15 @@ fn push_until_applied(
 // ---------------------------------------------------------------------------------
 // tracker-overhead
 
+/// What watches the file system during one `tar -xf` of `tracker-overhead`.
+#[derive(Clone, Copy)]
+enum Watching {
+    Nothing,
+    /// The `fanotify_floor` example: the tracker's fanotify events, read and dropped.
+    Floor,
+    Tracker,
+}
+
 /// One `tar -xf` run with the tracker watching.
 struct TrackedUntar {
     untar: UntarTimes,
@@ -524,6 +539,7 @@ pub fn tracker_overhead(repetitions: usize) -> Result<()> {
         bail!("tar not found: apt-get install -y tar");
     }
     let vdsync = build_release()?;
+    let floor = build_fanotify_floor()?;
     let scratch = scratch_directory("bench-tracker-overhead")?;
     let load_before = load_average();
     let archive_source = scratch.path().join("archive-source");
@@ -542,7 +558,7 @@ pub fn tracker_overhead(repetitions: usize) -> Result<()> {
             .with_context(|| format!("cannot create {}", directory.display()))?;
     }
     narrate(format_args!(
-        "working in {} ({repetitions} pairs of runs, alternating which goes first, `sync` before each)",
+        "working in {} ({repetitions} rounds of three runs: nothing watching, fanotify_floor, vdsync track; rotating which goes first, `sync` before each)",
         scratch.path().display()
     ));
 
@@ -576,49 +592,60 @@ pub fn tracker_overhead(repetitions: usize) -> Result<()> {
     );
 
     let mut without_tracker = Vec::new();
+    let mut with_floor = Vec::new();
     let mut with_tracker = Vec::new();
     let mut run_number = 0;
     for repetition in 1..=repetitions {
-        // Alternating the order cancels a drift (the disk warming up or filling its
+        // Rotating the order cancels a drift (the disk warming up or filling its
         // cache) that would otherwise always favour the same side.
-        let order = if repetition % 2 == 1 {
-            [false, true]
-        } else {
-            [true, false]
-        };
-        for tracked in order {
+        let mut order = [Watching::Nothing, Watching::Floor, Watching::Tracker];
+        order.rotate_left(repetition % 3);
+        for watching in order {
             run_number += 1;
             let mount = Mount::ext4_image(&image, UNTAR_FILE_SYSTEM_MEGABYTES, &extraction_parent);
             let tracker_state = extraction_parent.join("tracker-state");
             let target = extraction_parent.join(format!("run-{run_number}"));
             std::fs::create_dir(&target)
                 .with_context(|| format!("cannot create {}", target.display()))?;
-            if tracked {
-                let run = untar_with_tracker(
-                    &vdsync,
-                    &archive,
-                    &target,
-                    &extraction_parent,
-                    &tracker_state,
-                    &logs.join(format!("tracker-{run_number}.log")),
-                )?;
-                println!(
-                    "    pair {repetition}/{repetitions}: with the tracker     tar -xf {} (tar's CPU {})  tracker: {} CPU, caught up {} after tar",
-                    seconds(run.untar.wall),
-                    seconds(run.untar.cpu),
-                    seconds(run.tracker_cpu),
-                    milliseconds(run.catch_up)
-                );
-                with_tracker.push(run);
-            } else {
-                sync_file_systems()?;
-                let untar = untar(&archive, &target)?;
-                println!(
-                    "    pair {repetition}/{repetitions}: without the tracker  tar -xf {} (tar's CPU {})",
-                    seconds(untar.wall),
-                    seconds(untar.cpu)
-                );
-                without_tracker.push(untar);
+            let log = logs.join(format!("watcher-{run_number}.log"));
+            match watching {
+                Watching::Tracker => {
+                    let run = untar_with_tracker(
+                        &vdsync,
+                        &archive,
+                        &target,
+                        &extraction_parent,
+                        &tracker_state,
+                        &log,
+                    )?;
+                    println!(
+                        "    round {repetition}/{repetitions}: with vdsync track      tar -xf {} (tar's CPU {})  tracker: {} CPU, caught up {} after tar",
+                        seconds(run.untar.wall),
+                        seconds(run.untar.cpu),
+                        seconds(run.tracker_cpu),
+                        milliseconds(run.catch_up)
+                    );
+                    with_tracker.push(run);
+                }
+                Watching::Floor => {
+                    let untar = untar_with_floor(&floor, &archive, &target, &log)?;
+                    println!(
+                        "    round {repetition}/{repetitions}: with fanotify_floor    tar -xf {} (tar's CPU {})",
+                        seconds(untar.wall),
+                        seconds(untar.cpu)
+                    );
+                    with_floor.push(untar);
+                }
+                Watching::Nothing => {
+                    sync_file_systems()?;
+                    let untar = untar(&archive, &target)?;
+                    println!(
+                        "    round {repetition}/{repetitions}: nothing watching       tar -xf {} (tar's CPU {})",
+                        seconds(untar.wall),
+                        seconds(untar.cpu)
+                    );
+                    without_tracker.push(untar);
+                }
             }
             drop(mount);
             std::fs::remove_file(&image)
@@ -632,6 +659,8 @@ pub fn tracker_overhead(repetitions: usize) -> Result<()> {
     let tracked_untars: Vec<UntarTimes> = with_tracker.iter().map(|run| run.untar).collect();
     let without_wall = column(&without_tracker, |times| times.wall)?;
     let without_cpu = column(&without_tracker, |times| times.cpu)?;
+    let floor_wall = column(&with_floor, |times| times.wall)?;
+    let floor_cpu = column(&with_floor, |times| times.cpu)?;
     let with_wall = column(&tracked_untars, |times| times.wall)?;
     let with_cpu = column(&tracked_untars, |times| times.cpu)?;
     let tracker_cpu = median(
@@ -655,20 +684,33 @@ pub fn tracker_overhead(repetitions: usize) -> Result<()> {
     );
     println!("                                  wall clock   tar's CPU (user+system)");
     println!(
-        "  without a tracker                {:>10}   {:>10}",
+        "  nothing watching                 {:>10}   {:>10}",
         seconds(without_wall),
         seconds(without_cpu)
     );
     println!(
-        "  with vdsync track running        {:>10}   {:>10}",
+        "  fanotify_floor (kernel's part)   {:>10}   {:>10}   {:>+6.1}% / {:>+6.1}%",
+        seconds(floor_wall),
+        seconds(floor_cpu),
+        overhead_percent(without_wall, floor_wall),
+        overhead_percent(without_cpu, floor_cpu)
+    );
+    println!(
+        "  vdsync track                     {:>10}   {:>10}   {wall_overhead:>+6.1}% / {cpu_overhead:>+6.1}%",
         seconds(with_wall),
         seconds(with_cpu)
     );
-    println!("  overhead                         {wall_overhead:>+9.1}%   {cpu_overhead:>+9.1}%");
+    println!(
+        "  fanotify_floor asks for the tracker's events on the same mark, reads them at its pace and drops them: the cost the kernel puts on tar's own time, which no tracker of these events avoids"
+    );
     println!(
         "  the tracker itself: {} CPU per run, caught up {} after tar exited",
         seconds(tracker_cpu),
         milliseconds(catch_up)
+    );
+    println!(
+        "  vdsync track against fanotify_floor: {:+.1}% wall clock (what the tracker adds to the kernel's part)",
+        overhead_percent(floor_wall, with_wall)
     );
     println!(
         "  target: at most {TRACKER_OVERHEAD_TARGET_PERCENT:.0}% slower (wall clock): {}",
@@ -734,6 +776,29 @@ fn untar(archive: &Path, target: &Path) -> Result<UntarTimes> {
         .reaped_children
         .saturating_sub(children_before);
     Ok(UntarTimes { wall, cpu })
+}
+
+/// Starts `fanotify_floor` on the file system holding `target`, times `tar -xf`
+/// while it runs, and stops it.
+fn untar_with_floor(
+    floor: &Path,
+    archive: &Path,
+    target: &Path,
+    log_path: &Path,
+) -> Result<UntarTimes> {
+    let mut processes = BackgroundProcesses::default();
+    processes.spawn("fanotify_floor", Command::new(floor).arg(target), log_path)?;
+    let result = wait_until(FLOOR_START_TIMEOUT, "fanotify_floor to start", || {
+        processes.check_all_running()?;
+        Ok(std::fs::read_to_string(log_path).is_ok_and(|log| log.starts_with("ready")))
+    });
+    result.map_err(|error| error.context(format!("its log:\n{}", log_tail(log_path))))?;
+    sync_file_systems()?;
+    let untar = untar(archive, target)?;
+    // Still running: it did not fail while tar ran.
+    processes.check_all_running()?;
+    processes.stop_all();
+    Ok(untar)
 }
 
 /// Starts a tracker with a fresh state directory, times `tar -xf` while it runs, waits

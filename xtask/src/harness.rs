@@ -27,16 +27,34 @@ pub use vdsync_test_support::Vdsync;
 /// Runs `cargo build --release -p vdsync` (output visible, since a slow build should
 /// not look like a hang) and returns the binary it produced.
 pub fn build_release() -> Result<Vdsync> {
+    let binary_path = cargo_build_release(&["-p", "vdsync"], "vdsync")?;
+    Ok(Vdsync::new(binary_path))
+}
+
+/// Builds the `fanotify_floor` example of vdsync-sys (a bare fanotify reader, the
+/// peer of `tracker-overhead`) and returns its path.
+pub fn build_fanotify_floor() -> Result<PathBuf> {
+    cargo_build_release(
+        &["-p", "vdsync-sys", "--example", "fanotify_floor"],
+        "examples/fanotify_floor",
+    )
+}
+
+/// `cargo build --release ARGS`, and the path of what it built, `built` below the
+/// release directory.
+fn cargo_build_release(args: &[&str], built: &str) -> Result<PathBuf> {
     // `cargo xtask` runs us through `cargo run`, which sets CARGO to the cargo that
     // is running; using it keeps the toolchain the same as the one building xtask.
     let cargo_program = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    narrate("building the release binary: cargo build --release -p vdsync");
+    let command_line = format!("cargo build --release {}", args.join(" "));
+    narrate(format_args!("building: {command_line}"));
     let status = Command::new(&cargo_program)
-        .args(["build", "--release", "-p", "vdsync"])
+        .args(["build", "--release"])
+        .args(args)
         .status()
         .with_context(|| format!("cannot run {}", Path::new(&cargo_program).display()))?;
     if !status.success() {
-        bail!("`cargo build --release -p vdsync` failed ({status})");
+        bail!("`{command_line}` failed ({status})");
     }
     // xtask itself is built with --release into the same target directory, so the
     // binary sits next to the running executable. This also honours CARGO_TARGET_DIR
@@ -46,14 +64,14 @@ pub fn build_release() -> Result<Vdsync> {
     let release_directory = xtask_executable
         .parent()
         .context("the xtask executable has no parent directory")?;
-    let binary_path = release_directory.join("vdsync");
+    let binary_path = release_directory.join(built);
     if !binary_path.is_file() {
         bail!(
-            "cargo built vdsync but {} does not exist; run xtask through `cargo xtask`",
+            "cargo built {built} but {} does not exist; run xtask through `cargo xtask`",
             binary_path.display()
         );
     }
-    Ok(Vdsync::new(binary_path))
+    Ok(binary_path)
 }
 
 /// Runs `command` to completion and returns its standard output; a non-zero exit becomes

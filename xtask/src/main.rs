@@ -5,7 +5,8 @@
 //! - `cargo xtask bench spine`: push + apply against `rsync -a`, same run, same disk.
 //! - `cargo xtask bench one-change | tracker-overhead | tracker-memory`: the change
 //!   tracker's benchmarks (one change pushed and applied against an incremental
-//!   `rsync -a`; `tar -xf` with and without the tracker; the tracker's memory with a
+//!   `rsync -a`; `tar -xf` without a tracker, with the tracker, and with a bare fanotify
+//!   reader that shows the kernel's part; the tracker's memory with a
 //!   million journalled paths).
 //! - `cargo xtask bench nginx-reload | redis-update`: process-aware apply under real
 //!   daemons (a config push under load; a binary update).
@@ -34,7 +35,8 @@ tasks:
                 one file changed in 100,000: tracked push until an agent has it, against
                 an incremental rsync -a of the same change (target: 100x faster)
   bench tracker-overhead [--repetitions N]
-                tar -xf of 50,000 files with and without vdsync track running (target: 5%)
+                tar -xf of 50,000 files with nothing watching, with vdsync track, and with
+                fanotify_floor, the kernel's part of any tracker (target: 5%)
   bench tracker-memory [--repetitions N]
                 the tracker's peak and resident memory with 1,000,000 journalled paths
                 (target: 64 MiB)
