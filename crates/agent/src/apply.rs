@@ -3,13 +3,19 @@
 //!
 //! Three phases:
 //! 1. **Stage.** Every new file, symlink, hard link and special file is built
-//!    complete (content, owner, mode, xattrs, mtime) in a staging directory on the
-//!    same file system as the tree; blobs are hash-checked as they stream in. Then
-//!    one `syncfs` (for a small version: an fsync of each staged file and of the
-//!    staging directory). The tree is untouched; a crash here leaves version N and the
-//!    staging directory is discarded on the next start.
-//! 2. **Journal.** The changeset is written to `journal.json` and fsync'd. This is
-//!    the commit point: from here on the version *will* be applied.
+//!    complete (content, owner, mode, xattrs, mtime) in the staging directory
+//!    (`stage`, kept from one version to the next) on the same file system as the
+//!    tree; blobs are hash-checked as they stream in. Then one `syncfs` (for a small
+//!    version: an fsync of each staged file and of the staging directory). The tree
+//!    is untouched; a crash here leaves version N and what was staged is discarded on
+//!    the next start.
+//! 2. **Journal.** The changeset is written over the file `journal` in place, behind
+//!    a header with its length and hash, and fdatasync'd: one flush, no file created.
+//!    This is the commit point: from here on the version *will* be applied. A
+//!    journal whose header does not match its bytes is a write torn by a crash
+//!    before the commit point (the previous version's record was already complete:
+//!    a version is journalled only once the previous one is recorded as applied),
+//!    and counts as none.
 //! 3. **Roll forward.** Removals are renames into a trash directory, entries are
 //!    renames out of staging, directories are created and given their metadata,
 //!    directory mtimes are set last. Each step is idempotent (a staged name that is
@@ -17,7 +23,7 @@
 //!    `Changeset::validate` guarantees no removed path overlaps an entry), so after
 //!    a crash the next start simply runs this phase again. Then `syncfs` (small
 //!    version: fsync of every directory it touched), the
-//!    applied version is recorded atomically, and the journal is deleted.
+//!    applied version is recorded atomically, and the journal is emptied.
 //!
 //! Every write into the tree resolves its parent directory with openat2
 //! (`RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS`) and acts on a single name relative to
@@ -162,6 +168,36 @@ fn stage_name(index: usize) -> Vec<u8> {
     format!("e{index}").into_bytes()
 }
 
+/// The journal file's first line: `vdsync-journal LENGTH HASH`, then LENGTH bytes of
+/// JSON whose BLAKE3 is HASH.
+const JOURNAL_MAGIC: &str = "vdsync-journal";
+
+fn encode_journal(json: &[u8]) -> Vec<u8> {
+    let mut bytes = format!(
+        "{JOURNAL_MAGIC} {} {}\n",
+        json.len(),
+        Hash::of(json).to_hex()
+    )
+    .into_bytes();
+    bytes.extend_from_slice(json);
+    bytes
+}
+
+/// The JSON of a complete journal; None for an empty file (no journal) and for a
+/// torn one. Bytes past the recorded length are an earlier, longer journal's tail.
+fn decode_journal(bytes: &[u8]) -> Option<&[u8]> {
+    let newline = bytes.iter().position(|byte| *byte == b'\n')?;
+    let header = std::str::from_utf8(&bytes[..newline]).ok()?;
+    let mut words = header.split(' ');
+    if words.next() != Some(JOURNAL_MAGIC) {
+        return None;
+    }
+    let length: usize = words.next()?.parse().ok()?;
+    let hash = words.next()?;
+    let json = bytes.get(newline + 1..newline + 1 + length)?;
+    (Hash::of(json).to_hex() == hash).then_some(json)
+}
+
 impl Applier {
     /// An applier that only reads: it creates nothing (the state directory need not
     /// exist) and must not be used to apply.
@@ -191,7 +227,46 @@ impl Applier {
     }
 
     fn journal_path(&self) -> PathBuf {
-        self.state_dir.join("journal.json")
+        self.state_dir.join("journal")
+    }
+
+    fn stage_dir(&self) -> PathBuf {
+        self.work_dir.join("stage")
+    }
+
+    /// Writes `bytes` over the start of the journal file and fdatasyncs it: an
+    /// existing file takes one flush and no directory update.
+    fn write_journal(&self, bytes: &[u8]) -> io::Result<()> {
+        use std::os::unix::fs::FileExt;
+        let path = self.journal_path();
+        let (file, created) = match std::fs::OpenOptions::new().write(true).open(&path) {
+            Ok(file) => (file, false),
+            Err(err) if err.kind() == io::ErrorKind::NotFound => (
+                std::fs::OpenOptions::new()
+                    .write(true)
+                    .create(true)
+                    .truncate(false)
+                    .open(&path)?,
+                true,
+            ),
+            Err(err) => return Err(err),
+        };
+        file.write_all_at(bytes, 0)?;
+        file.sync_data()?;
+        if created {
+            vdsync_sys::fsync_dir(&self.state_dir)?;
+        }
+        Ok(())
+    }
+
+    /// Empties the journal; not synced (see [`Applier::recover`]).
+    fn clear_journal(&self) -> Result<(), ApplyError> {
+        let path = self.journal_path();
+        match std::fs::OpenOptions::new().write(true).open(&path) {
+            Ok(file) => file.set_len(0).map_err(io_at(&path, "empty")),
+            Err(err) if err.kind() == io::ErrorKind::NotFound => Ok(()),
+            Err(err) => Err(io_at(path, "open")(err)),
+        }
     }
 
     fn applied_path(&self) -> PathBuf {
@@ -226,26 +301,28 @@ impl Applier {
     /// Finishes an interrupted apply, if the journal says there is one.
     pub fn recover(&self) -> Result<Option<Applied>, ApplyError> {
         let path = self.journal_path();
-        let journal: Journal = match std::fs::read(&path) {
-            Ok(bytes) => {
-                serde_json::from_slice(&bytes).map_err(|err| ApplyError::CorruptState {
-                    path: path.clone(),
-                    message: err.to_string(),
-                })?
-            }
-            Err(err) if err.kind() == io::ErrorKind::NotFound => {
-                // No commit point reached: leftovers of a staging phase are junk.
-                self.discard_leftovers()?;
-                return Ok(None);
-            }
+        let bytes = match std::fs::read(&path) {
+            Ok(bytes) => bytes,
+            Err(err) if err.kind() == io::ErrorKind::NotFound => Vec::new(),
             Err(source) => return Err(io_at(path, "read")(source)),
         };
+        let Some(json) = decode_journal(&bytes) else {
+            // No commit point reached (no journal, or one torn by the crash):
+            // what was staged is junk, and the version is applied afresh.
+            self.discard_leftovers()?;
+            return Ok(None);
+        };
+        let journal: Journal =
+            serde_json::from_slice(json).map_err(|err| ApplyError::CorruptState {
+                path: path.clone(),
+                message: err.to_string(),
+            })?;
         if self
             .current_version()?
             .is_some_and(|version| version >= journal.version)
         {
-            // Finished before the crash; only the journal's removal was lost.
-            std::fs::remove_file(&path).map_err(io_at(&path, "remove"))?;
+            // Finished before the crash; only the journal's emptying was lost.
+            self.clear_journal()?;
             self.discard_leftovers()?;
             return Ok(None);
         }
@@ -256,18 +333,14 @@ impl Applier {
         Ok(Some(applied))
     }
 
+    /// Empties the staging directory and removes the trash.
     fn discard_leftovers(&self) -> Result<(), ApplyError> {
-        let Ok(listing) = std::fs::read_dir(&self.work_dir) else {
-            return Ok(());
-        };
-        for item in listing.flatten() {
-            let name = item.file_name();
-            let name = name.to_string_lossy();
-            if name.starts_with("stage-") || name == "trash" {
-                std::fs::remove_dir_all(item.path()).map_err(io_at(item.path(), "remove"))?;
-            }
+        empty_directory(&self.stage_dir())?;
+        let trash = self.trash_dir();
+        match std::fs::remove_dir_all(&trash) {
+            Err(err) if err.kind() != io::ErrorKind::NotFound => Err(io_at(trash, "remove")(err)),
+            _ => Ok(()),
         }
-        Ok(())
     }
 
     /// Applies `changeset` as `version`: stage, journal, roll forward.
@@ -295,8 +368,15 @@ impl Applier {
             .validate()
             .map_err(|source| ApplyError::InvalidChangeset { version, source })?;
         self.discard_leftovers()?;
-        let stage = self.work_dir.join(format!("stage-{version}"));
-        std::fs::create_dir_all(&stage).map_err(io_at(&stage, "create"))?;
+        let stage = self.stage_dir();
+        match std::fs::create_dir(&stage) {
+            // Made once: its own name must be durable before a journal names it.
+            Ok(()) => {
+                vdsync_sys::fsync_dir(&self.work_dir).map_err(io_at(&self.work_dir, "fsync"))?
+            }
+            Err(err) if err.kind() == io::ErrorKind::AlreadyExists => {}
+            Err(err) => return Err(io_at(&stage, "create")(err)),
+        }
         let (bytes_fetched, warnings) = self.stage(changeset, &stage, blobs)?;
         Ok(Prepared {
             journal: Journal {
@@ -317,7 +397,7 @@ impl Applier {
             path: self.journal_path(),
             message: err.to_string(),
         })?;
-        vdsync_sys::write_atomic(&self.journal_path(), &bytes)
+        self.write_journal(&encode_journal(&bytes))
             .map_err(io_at(self.journal_path(), "write"))?;
         let mut applied = self.roll_forward(&journal, Run::First)?;
         applied.duration_ms = prepared.started.elapsed().as_millis() as u64;
@@ -785,11 +865,11 @@ impl Applier {
             let state = File::open(&self.state_dir).map_err(io_at(&self.state_dir, "open"))?;
             vdsync_sys::syncfs(state.as_fd()).map_err(io_at(&self.state_dir, "syncfs"))?;
         }
-        // The journal's removal need not be durable: a journal whose version is
+        // Emptying the journal need not be durable: a journal whose version is
         // already recorded as applied is simply discarded on the next start.
-        std::fs::remove_file(self.journal_path()).map_err(io_at(self.journal_path(), "remove"))?;
+        self.clear_journal()?;
         // Cleanup is not part of the version: a crash here leaves only leftovers.
-        let _ = std::fs::remove_dir_all(&journal.stage);
+        let _ = empty_directory(&journal.stage);
         if trash_dir.is_some() || run == Run::Again {
             let _ = std::fs::remove_dir_all(&trash);
         }
@@ -933,6 +1013,32 @@ fn finish_file(file: &File, meta: &Metadata) -> io::Result<()> {
     vdsync_sys::set_mtime(fd, meta.mtime.sec, meta.mtime.nsec)
 }
 
+/// Removes everything in `directory` (which may not exist), keeping it.
+fn empty_directory(directory: &Path) -> Result<(), ApplyError> {
+    let listing = match std::fs::read_dir(directory) {
+        Ok(listing) => listing,
+        Err(err) if err.kind() == io::ErrorKind::NotFound => return Ok(()),
+        Err(err) => return Err(io_at(directory, "list")(err)),
+    };
+    for item in listing {
+        let item = item.map_err(io_at(directory, "list"))?;
+        let path = item.path();
+        let is_dir = item.file_type().is_ok_and(|kind| kind.is_dir());
+        let removed = if is_dir {
+            std::fs::remove_dir_all(&path)
+        } else {
+            std::fs::remove_file(&path)
+        };
+        match removed {
+            Err(err) if err.kind() != io::ErrorKind::NotFound => {
+                return Err(io_at(path, "remove")(err))
+            }
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
 fn apply_dir_metadata(dir: BorrowedFd<'_>, meta: &Metadata) -> io::Result<()> {
     vdsync_sys::set_owner_mode(dir, meta.uid, meta.gid, meta.mode)?;
     for xattr in &meta.xattrs {
@@ -950,7 +1056,7 @@ mod tests {
     fn write_journal_removing(state: &Path, removed: &str) {
         let journal = Journal {
             version: 1,
-            stage: state.join("stage-1"),
+            stage: state.join("stage"),
             changeset: Changeset {
                 parent: Some(0),
                 removed: vec![path(removed)],
@@ -960,10 +1066,15 @@ mod tests {
             bytes_fetched: 0,
         };
         std::fs::write(
-            state.join("journal.json"),
-            serde_json::to_vec(&journal).unwrap(),
+            state.join("journal"),
+            encode_journal(&serde_json::to_vec(&journal).unwrap()),
         )
         .unwrap();
+    }
+
+    /// Whether the state directory holds a journal (an empty file is none).
+    fn journal_pending(state: &Path) -> bool {
+        std::fs::metadata(state.join("journal")).is_ok_and(|meta| meta.len() > 0)
     }
 
     /// Regression: a roll-forward re-run after a crash numbered its trash names from 1
@@ -977,7 +1088,7 @@ mod tests {
         std::fs::create_dir_all(root.join("keep")).unwrap();
         std::fs::write(root.join("doomed"), "old").unwrap();
         std::fs::create_dir_all(state.join("trash/1-1/from-first-run")).unwrap();
-        std::fs::create_dir_all(state.join("stage-1")).unwrap();
+        std::fs::create_dir_all(state.join("stage")).unwrap();
         write_journal_removing(&state, "doomed");
 
         let applier = Applier::open(&root, &state).unwrap();
@@ -987,7 +1098,7 @@ mod tests {
         assert!(!root.join("doomed").exists());
         assert!(root.join("keep").is_dir());
         assert_eq!(applier.current_version().unwrap(), Some(1));
-        assert!(!state.join("journal.json").exists());
+        assert!(!journal_pending(&state));
     }
 
     /// The journal's removal is not synced: a journal for a version already
@@ -1004,7 +1115,42 @@ mod tests {
         write_journal_removing(&state, "gone");
         let applier = Applier::open(&root, &state).unwrap();
         assert!(applier.recover().unwrap().is_none());
-        assert!(!state.join("journal.json").exists());
+        assert!(!journal_pending(&state));
         assert_eq!(applier.current_version().unwrap(), Some(1));
+    }
+
+    /// A journal write torn by a crash (its header does not match its bytes) is no
+    /// commit point: nothing is rolled forward and what was staged is discarded.
+    #[test]
+    fn a_torn_journal_counts_as_none() {
+        let temp = tempfile::tempdir().unwrap();
+        let root = temp.path().join("root");
+        let state = temp.path().join("state");
+        std::fs::create_dir_all(&root).unwrap();
+        std::fs::create_dir_all(state.join("stage")).unwrap();
+        std::fs::write(state.join("stage/e0"), "staged").unwrap();
+        std::fs::write(root.join("kept"), "old").unwrap();
+        write_journal_removing(&state, "kept");
+        let mut bytes = std::fs::read(state.join("journal")).unwrap();
+        let last = bytes.len() - 1;
+        bytes[last] ^= 1;
+        std::fs::write(state.join("journal"), &bytes).unwrap();
+
+        let applier = Applier::open(&root, &state).unwrap();
+        assert!(applier.recover().unwrap().is_none());
+        assert_eq!(std::fs::read_to_string(root.join("kept")).unwrap(), "old");
+        assert!(!state.join("stage/e0").exists(), "staged leftovers kept");
+        assert_eq!(applier.current_version().unwrap(), None);
+    }
+
+    #[test]
+    fn journal_round_trips_and_ignores_an_older_tail() {
+        let mut bytes = encode_journal(b"{\"short\":1}");
+        assert_eq!(decode_journal(&bytes), Some(&b"{\"short\":1}"[..]));
+        bytes.extend_from_slice(b"tail of a longer journal written before");
+        assert_eq!(decode_journal(&bytes), Some(&b"{\"short\":1}"[..]));
+        assert_eq!(decode_journal(b""), None);
+        assert_eq!(decode_journal(&bytes[..bytes.len() / 2]), None);
+        assert_eq!(decode_journal(b"{\"version\":1}"), None);
     }
 }
