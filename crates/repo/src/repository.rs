@@ -8,14 +8,16 @@
 use std::collections::BTreeSet;
 use std::io::Read;
 use std::path::Path;
-use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use tokio::sync::watch;
 use tracing::info;
 use vdsync_proto::wire::{AgentInfo, CommitRequest, Hello, Outcome, VersionInfo};
 use vdsync_proto::{Changeset, EntryKind, Hash, Manifest};
-use vdsync_store::{read_blob, write_pack, BlobStore, LocalBlobStore, StoreError, VersionLog};
+use vdsync_store::{
+    read_blob, write_pack, BlobStore, RepositoryBlobs, StoreError, VersionLog, WithInline,
+};
 
 use crate::agents::{after_hello, after_report, validate_agent_name};
 use crate::RepoError;
@@ -28,8 +30,8 @@ pub const MAX_CHANGESET_BLOB_LEN: u64 = 1 << 30;
 
 /// The repository of one data directory. `Send + Sync`; share it in an `Arc`.
 pub struct Repository {
-    blob_store: LocalBlobStore,
-    version_log: VersionLog,
+    blob_store: RepositoryBlobs,
+    version_log: Arc<VersionLog>,
     /// Held from the head check to the log commit, so that a changeset is validated
     /// against the manifest of the version it is committed on top of.
     commit_lock: Mutex<()>,
@@ -52,15 +54,24 @@ struct CachedManifest {
 }
 
 impl Repository {
-    /// Opens (creating if needed) the data dir: blobs in DIR (LocalBlobStore::open(DIR)),
-    /// database at DIR/versions.redb.
+    /// Opens (creating if needed) the data dir: blob files in DIR (see
+    /// `LocalBlobStore::open`), database (versions, agents, small blobs) at
+    /// DIR/versions.redb.
     pub fn open(data_dir: &Path) -> Result<Repository, RepoError> {
         let open_error = |source| RepoError::Open {
             path: data_dir.to_path_buf(),
             source,
         };
-        let blob_store = LocalBlobStore::open(data_dir).map_err(open_error)?;
-        let version_log = VersionLog::open(&data_dir.join("versions.redb")).map_err(open_error)?;
+        std::fs::create_dir_all(data_dir).map_err(|source| {
+            open_error(StoreError::Io {
+                path: data_dir.to_path_buf(),
+                source,
+            })
+        })?;
+        let version_log =
+            Arc::new(VersionLog::open(&data_dir.join("versions.redb")).map_err(open_error)?);
+        let blob_store =
+            RepositoryBlobs::open(data_dir, Arc::clone(&version_log)).map_err(open_error)?;
         let head = version_log.head().map_err(open_error)?;
         let (head_sender, _) = watch::channel(head);
         Ok(Repository {
@@ -117,8 +128,24 @@ impl Repository {
     /// Validates and records a version (used by HTTP POST /v1/versions and by
     /// `repo init` directly).
     pub fn commit(&self, request: &CommitRequest) -> Result<VersionInfo, RepoError> {
+        self.commit_with_inline(request, &[])
+    }
+
+    /// [`Repository::commit`], recording the small blobs `inline` (hash, stored
+    /// form, as `ingest_pack` keeps them) in the same database transaction as the
+    /// version: they count as present for the checks, and are stored only if the
+    /// version is.
+    pub fn commit_with_inline(
+        &self,
+        request: &CommitRequest,
+        inline: &[(Hash, Vec<u8>)],
+    ) -> Result<VersionInfo, RepoError> {
+        let blobs = WithInline {
+            store: &self.blob_store,
+            inline,
+        };
         let changeset_hash = request.changeset;
-        let changeset = self.load_proposed_changeset(&changeset_hash)?;
+        let changeset = load_proposed_changeset(&blobs, &changeset_hash)?;
         if changeset.parent != request.parent {
             return Err(RepoError::ParentMismatch {
                 hash: changeset_hash,
@@ -134,7 +161,7 @@ impl Repository {
             })?;
         // Blobs are never deleted, so checking them before taking the lock is as good
         // as checking under it, and keeps a slow check from holding up other pushes.
-        self.check_blobs_present(&changeset, &changeset_hash)?;
+        check_blobs_present(&blobs, &changeset, &changeset_hash)?;
 
         let _commit_guard = lock_ignoring_poison(&self.commit_lock);
         let head = self.version_log.head()?;
@@ -165,7 +192,7 @@ impl Repository {
         let mut info = summarize(&changeset, request, now_unix_seconds());
         // The log re-checks the parent in the same transaction as the insert; with
         // the lock held it cannot differ, but the log is the authority.
-        info.version = self.version_log.commit(info.clone())?;
+        info.version = self.version_log.commit(info.clone(), inline)?;
         *lock_ignoring_poison(&self.manifest_cache) = Some(CachedManifest {
             version: info.version,
             manifest,
@@ -183,6 +210,15 @@ impl Repository {
             info.message
         );
         Ok(info)
+    }
+
+    /// Stores small blobs kept for a commit that was refused, as an upload would
+    /// have: a client retrying on a new parent need not send them again.
+    pub fn store_inline(&self, inline: &[(Hash, Vec<u8>)]) -> Result<(), RepoError> {
+        if !inline.is_empty() {
+            self.version_log.put_small_blobs(inline)?;
+        }
+        Ok(())
     }
 
     /// Full manifest at `version` (fold changesets 0..=version; cache the latest
@@ -282,69 +318,66 @@ impl Repository {
     pub fn agents(&self) -> Result<Vec<AgentInfo>, RepoError> {
         Ok(self.version_log.agents()?)
     }
+}
 
-    /// Reads and parses a changeset a client proposes, refusing one too large to hold
-    /// in memory before reading it.
-    fn load_proposed_changeset(&self, hash: &Hash) -> Result<Changeset, RepoError> {
-        let not_stored_or_failed = |error: StoreError| match error {
-            StoreError::MissingBlob(hash) => RepoError::ChangesetNotStored(hash),
-            other => RepoError::Store(other),
-        };
-        let mut stored = self
-            .blob_store
-            .open_stored(hash)
-            .map_err(not_stored_or_failed)?;
-        let mut length_prefix = [0u8; 8];
-        stored
-            .read_exact(&mut length_prefix)
-            .map_err(|source| RepoError::Store(StoreError::Stream(source)))?;
-        let len = u64::from_le_bytes(length_prefix);
-        if len > MAX_CHANGESET_BLOB_LEN {
-            return Err(RepoError::ChangesetTooLarge {
-                hash: *hash,
-                len,
-                limit: MAX_CHANGESET_BLOB_LEN,
-            });
-        }
-        drop(stored);
-        let bytes = read_blob(&self.blob_store, hash).map_err(not_stored_or_failed)?;
-        serde_json::from_slice(&bytes).map_err(|source| RepoError::InvalidChangesetJson {
+/// Reads and parses a changeset a client proposes, refusing one too large to hold
+/// in memory before reading it.
+fn load_proposed_changeset(blobs: &dyn BlobStore, hash: &Hash) -> Result<Changeset, RepoError> {
+    let not_stored_or_failed = |error: StoreError| match error {
+        StoreError::MissingBlob(hash) => RepoError::ChangesetNotStored(hash),
+        other => RepoError::Store(other),
+    };
+    let mut stored = blobs.open_stored(hash).map_err(not_stored_or_failed)?;
+    let mut length_prefix = [0u8; 8];
+    stored
+        .read_exact(&mut length_prefix)
+        .map_err(|source| RepoError::Store(StoreError::Stream(source)))?;
+    let len = u64::from_le_bytes(length_prefix);
+    if len > MAX_CHANGESET_BLOB_LEN {
+        return Err(RepoError::ChangesetTooLarge {
             hash: *hash,
-            source,
-        })
+            len,
+            limit: MAX_CHANGESET_BLOB_LEN,
+        });
     }
+    drop(stored);
+    let bytes = read_blob(blobs, hash).map_err(not_stored_or_failed)?;
+    serde_json::from_slice(&bytes).map_err(|source| RepoError::InvalidChangesetJson {
+        hash: *hash,
+        source,
+    })
+}
 
-    fn check_blobs_present(
-        &self,
-        changeset: &Changeset,
-        changeset_hash: &Hash,
-    ) -> Result<(), RepoError> {
-        let mut already_checked: BTreeSet<Hash> = BTreeSet::new();
-        let mut missing = 0u64;
-        let mut first_missing = None;
-        // Iterating in entry order makes "the first" the first the client would see
-        // in its own changeset, not the smallest hash; each hash is counted once.
-        for (hash, _) in changeset
-            .entries
-            .iter()
-            .filter_map(|item| item.entry.blob())
-        {
-            if !already_checked.insert(hash) {
-                continue;
-            }
-            if !self.blob_store.contains(&hash)? {
-                missing += 1;
-                first_missing.get_or_insert(hash);
-            }
+fn check_blobs_present(
+    blobs: &dyn BlobStore,
+    changeset: &Changeset,
+    changeset_hash: &Hash,
+) -> Result<(), RepoError> {
+    let mut already_checked: BTreeSet<Hash> = BTreeSet::new();
+    let mut missing = 0u64;
+    let mut first_missing = None;
+    // Iterating in entry order makes "the first" the first the client would see
+    // in its own changeset, not the smallest hash; each hash is counted once.
+    for (hash, _) in changeset
+        .entries
+        .iter()
+        .filter_map(|item| item.entry.blob())
+    {
+        if !already_checked.insert(hash) {
+            continue;
         }
-        match first_missing {
-            None => Ok(()),
-            Some(first) => Err(RepoError::MissingBlobs {
-                changeset: *changeset_hash,
-                missing,
-                first,
-            }),
+        if !blobs.contains(&hash)? {
+            missing += 1;
+            first_missing.get_or_insert(hash);
         }
+    }
+    match first_missing {
+        None => Ok(()),
+        Some(first) => Err(RepoError::MissingBlobs {
+            changeset: *changeset_hash,
+            missing,
+            first,
+        }),
     }
 }
 

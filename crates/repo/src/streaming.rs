@@ -40,16 +40,21 @@ pub(crate) async fn ingest_body(repo: Arc<Repository>, body: Body) -> Result<u64
     let blocking_reader = SyncIoBridge::new(StreamReader::new(byte_stream));
     run_blocking(&repo, move |repo| {
         let mut reader = BufReader::with_capacity(CHUNK_LEN, blocking_reader);
-        Ok(store_pack(repo, &mut reader)?.len() as u64)
+        Ok(store_pack(repo, &mut reader, None)?.len() as u64)
     })
     .await
 }
 
 /// Stores the blobs of the pack `reader` holds and makes them durable; returns
-/// their hashes.
-fn store_pack(repo: &Repository, reader: &mut dyn io::BufRead) -> Result<Vec<Hash>, RepoError> {
-    let received =
-        ingest_pack(repo.blobs(), reader, repo.max_blob_len()).map_err(RepoError::PackRefused)?;
+/// their hashes. With `inline`, small new blobs are kept there instead, for the
+/// caller to commit with its version (see `ingest_pack`).
+fn store_pack(
+    repo: &Repository,
+    reader: &mut dyn io::BufRead,
+    inline: Option<&mut Vec<(Hash, Vec<u8>)>>,
+) -> Result<Vec<Hash>, RepoError> {
+    let received = ingest_pack(repo.blobs(), reader, repo.max_blob_len(), inline)
+        .map_err(RepoError::PackRefused)?;
     repo.blobs()
         .sync_blobs(&received)
         .map_err(RepoError::Store)?;
@@ -59,7 +64,9 @@ fn store_pack(repo: &Repository, reader: &mut dyn io::BufRead) -> Result<Vec<Has
 /// `POST /v1/versions/pack`: a commit request, then a pack (see
 /// [`vdsync_proto::wire::commit_prefix`]). The blobs are stored and synced, then the
 /// version is committed, then acknowledged: the order of an upload followed by a
-/// commit, in one round trip and one blocking task.
+/// commit, in one round trip and one blocking task. Small blobs go into the
+/// version's own database transaction: a one-file change creates no blob file and
+/// waits for one flush.
 pub(crate) async fn ingest_and_commit(
     repo: Arc<Repository>,
     body: Body,
@@ -69,8 +76,13 @@ pub(crate) async fn ingest_and_commit(
     run_blocking(&repo, move |repo| {
         let mut reader = BufReader::with_capacity(CHUNK_LEN, blocking_reader);
         let request = read_commit_prefix(&mut reader)?;
-        store_pack(repo, &mut reader)?;
-        repo.commit(&request)
+        let mut inline = Vec::new();
+        store_pack(repo, &mut reader, Some(&mut inline))?;
+        repo.commit_with_inline(&request, &inline).inspect_err(|_| {
+            if let Err(err) = repo.store_inline(&inline) {
+                warn!("cannot store the small blobs of a refused commit: {err}");
+            }
+        })
     })
     .await
 }

@@ -408,15 +408,28 @@ impl BufRead for TeeBufRead<'_> {
     }
 }
 
+/// Blobs of at most this many content bytes can be kept with the version that
+/// brings them (see [`ingest_pack`]) instead of as files of their own.
+pub const INLINE_BLOB_LEN: u64 = 4096;
+/// The stored form of an inline blob may not exceed this: zstd adds a few bytes to
+/// incompressible content, never kilobytes; a frame padded with empty blocks is
+/// refused instead of buffered.
+const INLINE_STORED_LIMIT: usize = 16 * 1024;
+
 /// Reads pack records from `input` until it ends, storing each blob after checking
 /// its hash. Returns the hash of every record, in order. A blob the store already
 /// holds is checked and not written again. The caller makes them durable with
 /// [`BlobStore::sync_blobs`] before acknowledging: all of them, since one already
 /// present may have been stored by another pack whose sync has not finished.
+///
+/// With `inline`, a new blob of at most [`INLINE_BLOB_LEN`] content bytes is not
+/// written to the store but appended there, (hash, stored form), for the caller to
+/// record with the version (see `VersionLog::commit`).
 pub fn ingest_pack(
     store: &dyn BlobStore,
     input: &mut dyn BufRead,
     max_blob_len: u64,
+    mut inline: Option<&mut Vec<(Hash, Vec<u8>)>>,
 ) -> Result<Vec<Hash>, StoreError> {
     let mut received = Vec::new();
     while let Some(header) = read_pack_header(input)? {
@@ -427,8 +440,26 @@ pub fn ingest_pack(
                 limit: max_blob_len,
             });
         }
-        if store.contains(&header.hash)? {
+        let held_inline = inline
+            .as_ref()
+            .is_some_and(|blobs| blobs.iter().any(|(hash, _)| *hash == header.hash));
+        if held_inline || store.contains(&header.hash)? {
             decode_frame(input, header.hash, header.len, &mut io::sink())?;
+            received.push(header.hash);
+            continue;
+        }
+        if let Some(blobs) = inline.as_mut().filter(|_| header.len <= INLINE_BLOB_LEN) {
+            let mut stored = CappedBuffer(header.len.to_le_bytes().to_vec());
+            let mut tee = TeeBufRead {
+                inner: input,
+                copy: &mut stored,
+                error: None,
+            };
+            decode_frame(&mut tee, header.hash, header.len, &mut io::sink())?;
+            if let Some(err) = tee.error.take() {
+                return Err(StoreError::Stream(err));
+            }
+            blobs.push((header.hash, stored.0));
             received.push(header.hash);
             continue;
         }
@@ -451,6 +482,29 @@ pub fn ingest_pack(
         received.push(header.hash);
     }
     Ok(received)
+}
+
+/// A buffer for one inline blob's stored form, refusing to grow past
+/// [`INLINE_STORED_LIMIT`].
+struct CappedBuffer(Vec<u8>);
+
+impl Write for CappedBuffer {
+    fn write(&mut self, bytes: &[u8]) -> io::Result<usize> {
+        if self.0.len() + bytes.len() > INLINE_STORED_LIMIT {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!(
+                    "the zstd frame of a blob of at most {INLINE_BLOB_LEN} bytes is longer than {INLINE_STORED_LIMIT} bytes"
+                ),
+            ));
+        }
+        self.0.extend_from_slice(bytes);
+        Ok(bytes.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
 }
 
 /// Writes the pack records for `hashes` (the stored form, copied) to `output`.
@@ -500,15 +554,15 @@ mod tests {
         let mut pack = record(b"first");
         pack.extend(record(b""));
         pack.extend(record(&big));
-        let stored = ingest_pack(&store, &mut &pack[..], 1 << 30).unwrap();
+        let stored = ingest_pack(&store, &mut &pack[..], 1 << 30, None).unwrap();
         assert_eq!(stored, [Hash::of(b"first"), Hash::of(b""), Hash::of(&big)]);
         store.sync_blobs(&stored).unwrap();
         // A blob already stored is checked again and not rewritten.
-        let again = ingest_pack(&store, &mut &record(b"first")[..], 1 << 30).unwrap();
+        let again = ingest_pack(&store, &mut &record(b"first")[..], 1 << 30, None).unwrap();
         assert_eq!(again, [Hash::of(b"first")]);
         let mut corrupt_again = record(b"first");
         corrupt_again[..32].copy_from_slice(&Hash::of(&big).0);
-        assert!(ingest_pack(&store, &mut &corrupt_again[..], 1 << 30).is_err());
+        assert!(ingest_pack(&store, &mut &corrupt_again[..], 1 << 30, None).is_err());
         assert_eq!(read_blob(&store, &Hash::of(&big)).unwrap(), big);
 
         let mut served = Vec::new();
@@ -531,7 +585,7 @@ mod tests {
         let store = LocalBlobStore::open(temp.path()).unwrap();
         let mut forged = record(b"honest");
         forged[..32].copy_from_slice(&Hash::of(b"other").0);
-        let err = ingest_pack(&store, &mut &forged[..], 1 << 30).unwrap_err();
+        let err = ingest_pack(&store, &mut &forged[..], 1 << 30, None).unwrap_err();
         assert!(matches!(err, StoreError::HashMismatch { .. }), "{err}");
         assert!(!store.contains(&Hash::of(b"other")).unwrap());
         assert!(!store.contains(&Hash::of(b"honest")).unwrap());
@@ -542,7 +596,7 @@ mod tests {
 
         let mut short = record(b"twelve bytes");
         short[32..40].copy_from_slice(&5u64.to_le_bytes());
-        let err = ingest_pack(&store, &mut &short[..], 1 << 30).unwrap_err();
+        let err = ingest_pack(&store, &mut &short[..], 1 << 30, None).unwrap_err();
         assert!(matches!(err, StoreError::LengthMismatch { .. }), "{err}");
     }
 }

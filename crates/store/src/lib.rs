@@ -6,6 +6,7 @@
 //! every blob's hash on the way in.
 
 mod blobs;
+mod inline;
 mod segments;
 mod versions;
 
@@ -13,8 +14,9 @@ use std::path::PathBuf;
 
 pub use blobs::{
     decode_frame, ingest_pack, put_bytes, put_reader, read_blob, read_frame, read_pack_header,
-    write_pack, BlobStore, BlobWriter, HashingReader, LocalBlobStore, ZSTD_LEVEL,
+    write_pack, BlobStore, BlobWriter, HashingReader, LocalBlobStore, INLINE_BLOB_LEN, ZSTD_LEVEL,
 };
+pub use inline::{RepositoryBlobs, WithInline};
 pub use segments::SegmentReader;
 use vdsync_proto::Hash;
 pub use versions::VersionLog;

@@ -1,19 +1,24 @@
-//! The version log and fleet registry, in one redb database.
+//! The version log, the fleet registry and small blobs, in one redb database.
 //!
 //! redb commits are durable when `commit()` returns (fsync'd, copy-on-write), so a
 //! version is acknowledged only after it will survive a crash. The head check and
 //! the insert happen in one write transaction: two pushes on the same parent cannot
-//! both win.
+//! both win. A version's small blobs (see [`crate::INLINE_BLOB_LEN`]) can go into
+//! the same transaction: one flush makes the version and its content durable, with
+//! no blob file to create and sync first.
 
 use std::path::Path;
 
 use redb::{Database, ReadableTable, TableDefinition};
 use vdsync_proto::wire::{AgentInfo, VersionInfo};
+use vdsync_proto::Hash;
 
 use crate::StoreError;
 
 const VERSIONS: TableDefinition<u64, &[u8]> = TableDefinition::new("versions");
 const AGENTS: TableDefinition<&str, &[u8]> = TableDefinition::new("agents");
+/// Blob hash → the blob's stored form (length prefix, zstd frame).
+const SMALL_BLOBS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("small_blobs");
 
 pub struct VersionLog {
     db: Database,
@@ -38,6 +43,7 @@ impl VersionLog {
         let txn = db.begin_write().map_err(db_error)?;
         txn.open_table(VERSIONS).map_err(db_error)?;
         txn.open_table(AGENTS).map_err(db_error)?;
+        txn.open_table(SMALL_BLOBS).map_err(db_error)?;
         txn.commit().map_err(db_error)?;
         Ok(VersionLog { db })
     }
@@ -60,10 +66,46 @@ impl VersionLog {
         self.read_all(VERSIONS)
     }
 
-    /// Records the next version if `info.parent` is still the head. `info.version`
-    /// is assigned here. Returns the new version number.
-    pub fn commit(&self, mut info: VersionInfo) -> Result<u64, StoreError> {
+    /// The stored form of small blob `hash`, if the database holds it.
+    pub fn small_blob(&self, hash: &Hash) -> Result<Option<Vec<u8>>, StoreError> {
+        let txn = self.db.begin_read().map_err(db_error)?;
+        let table = txn.open_table(SMALL_BLOBS).map_err(db_error)?;
+        let found = table.get(hash.0.as_slice()).map_err(db_error)?;
+        Ok(found.map(|value| value.value().to_vec()))
+    }
+
+    /// Stores the small blobs `blobs` (hash, stored form) durably, without a version.
+    pub fn put_small_blobs(&self, blobs: &[(Hash, Vec<u8>)]) -> Result<(), StoreError> {
         let txn = self.db.begin_write().map_err(db_error)?;
+        {
+            let mut table = txn.open_table(SMALL_BLOBS).map_err(db_error)?;
+            for (hash, stored) in blobs {
+                table
+                    .insert(hash.0.as_slice(), stored.as_slice())
+                    .map_err(db_error)?;
+            }
+        }
+        txn.commit().map_err(db_error)?;
+        Ok(())
+    }
+
+    /// Records the next version if `info.parent` is still the head, with the small
+    /// blobs `blobs` (hash, stored form) in the same transaction. `info.version` is
+    /// assigned here. Returns the new version number.
+    pub fn commit(
+        &self,
+        mut info: VersionInfo,
+        blobs: &[(Hash, Vec<u8>)],
+    ) -> Result<u64, StoreError> {
+        let txn = self.db.begin_write().map_err(db_error)?;
+        if !blobs.is_empty() {
+            let mut table = txn.open_table(SMALL_BLOBS).map_err(db_error)?;
+            for (hash, stored) in blobs {
+                table
+                    .insert(hash.0.as_slice(), stored.as_slice())
+                    .map_err(db_error)?;
+            }
+        }
         let number = {
             let mut table = txn.open_table(VERSIONS).map_err(db_error)?;
             let head = table.last().map_err(db_error)?.map(|(key, _)| key.value());
@@ -126,7 +168,6 @@ impl VersionLog {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use vdsync_proto::Hash;
 
     fn info(parent: Option<u64>) -> VersionInfo {
         VersionInfo {
@@ -147,18 +188,26 @@ mod tests {
         let temp = tempfile::tempdir().unwrap();
         let log = VersionLog::open(&temp.path().join("db")).unwrap();
         assert_eq!(log.head().unwrap(), None);
-        assert_eq!(log.commit(info(None)).unwrap(), 0);
-        assert_eq!(log.commit(info(Some(0))).unwrap(), 1);
-        let err = log.commit(info(Some(0))).unwrap_err();
+        assert_eq!(log.commit(info(None), &[]).unwrap(), 0);
+        let small = (Hash::of(b"blob"), b"stored form".to_vec());
+        assert_eq!(log.commit(info(Some(0)), &[small.clone()]).unwrap(), 1);
+        let refused = (Hash::of(b"refused"), b"x".to_vec());
+        let err = log.commit(info(Some(0)), &[refused.clone()]).unwrap_err();
         assert_eq!(
             err.to_string(),
             "stale parent: the change was made against version 0 but the head is version 1"
         );
-        assert!(log.commit(info(None)).is_err());
+        assert!(log.commit(info(None), &[]).is_err());
+        assert_eq!(
+            log.small_blob(&refused.0).unwrap(),
+            None,
+            "a refused commit stored its blobs"
+        );
         drop(log);
         let reopened = VersionLog::open(&temp.path().join("db")).unwrap();
         assert_eq!(reopened.head().unwrap(), Some(1));
         assert_eq!(reopened.list().unwrap().len(), 2);
         assert_eq!(reopened.get(1).unwrap().unwrap().parent, Some(0));
+        assert_eq!(reopened.small_blob(&small.0).unwrap(), Some(small.1));
     }
 }
