@@ -190,9 +190,15 @@ mod tests {
         assert_eq!(log.head().unwrap(), None);
         assert_eq!(log.commit(info(None), &[]).unwrap(), 0);
         let small = (Hash::of(b"blob"), b"stored form".to_vec());
-        assert_eq!(log.commit(info(Some(0)), &[small.clone()]).unwrap(), 1);
+        assert_eq!(
+            log.commit(info(Some(0)), std::slice::from_ref(&small))
+                .unwrap(),
+            1
+        );
         let refused = (Hash::of(b"refused"), b"x".to_vec());
-        let err = log.commit(info(Some(0)), &[refused.clone()]).unwrap_err();
+        let err = log
+            .commit(info(Some(0)), std::slice::from_ref(&refused))
+            .unwrap_err();
         assert_eq!(
             err.to_string(),
             "stale parent: the change was made against version 0 but the head is version 1"
