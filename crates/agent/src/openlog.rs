@@ -96,9 +96,12 @@ struct State {
     incomplete: Option<String>,
     /// Counts the reads of the two streams.
     sequence: u64,
-    /// For each live pid that forked, exec'd or opened something: the sequence
-    /// when it last did (for [`OpenLog::processes`]).
+    /// For each live pid that forked or exec'd: the sequence when it last did (for
+    /// [`OpenLog::processes`]).
     touched: HashMap<i32, u64>,
+    /// For each live pid that opened something (not an exec): the sequence when it
+    /// last did.
+    opened: HashMap<i32, u64>,
 }
 
 /// /proc as last read, kept between plans (see [`OpenLog::processes`]).
@@ -253,10 +256,12 @@ impl OpenLog {
     }
 
     /// Every user process as /proc shows it now, reading as little of /proc as the
-    /// log allows. A process is read again if it forked, exec'd or opened anything
-    /// since the last call, if it used one of `wanted` then, or if it is in
-    /// `fresh`; the others (and kernel threads) are taken from the last call. All
-    /// are read when the log may be missing events, or when `everything`.
+    /// log allows. A process is read again if it forked or exec'd since the last
+    /// call, if it opened one of `wanted` since then (or ever, as far as the log
+    /// knows), if it used one of `wanted` then, or if it is in `fresh`; the others
+    /// (and kernel threads) are taken from the last call: one that only opened other
+    /// files cannot have come to hold one of `wanted`. All are read when the log may
+    /// be missing events, or when `everything`.
     ///
     /// What this can miss that a full read would see: a descriptor for one of
     /// `wanted` received from another process (SCM_RIGHTS) by a process that
@@ -273,17 +278,37 @@ impl OpenLog {
             .unwrap_or_else(|poisoned| poisoned.into_inner());
         // Listed first: a process forked after the list is not in it, and one
         // forked before has its fork read by the catch-up.
+        let started = std::time::Instant::now();
         let pids = vdsync_sys::process::list_pids().unwrap_or_default();
+        let listed = started.elapsed();
         let caught_up = self.catch_up(Duration::from_millis(250));
+        let after_catch_up = started.elapsed();
         let (sequence, changed, incomplete) = {
             let state = self.lock();
             let since = cache.sequence.unwrap_or(0);
-            let changed: HashSet<i32> = state
+            let mut changed: HashSet<i32> = state
                 .touched
                 .iter()
                 .filter(|(_, touched)| **touched >= since)
                 .map(|(pid, _)| *pid)
                 .collect();
+            let opened_wanted = |pid: i32| {
+                state.live.get(&pid).is_some_and(|key| {
+                    wanted.iter().any(|file| {
+                        state
+                            .openers
+                            .get(file)
+                            .is_some_and(|openers| openers.contains(key))
+                    })
+                })
+            };
+            changed.extend(
+                state
+                    .opened
+                    .iter()
+                    .filter(|(pid, opened)| **opened >= since && opened_wanted(**pid))
+                    .map(|(pid, _)| *pid),
+            );
             (state.sequence, changed, state.incomplete.is_some())
         };
         let reuse = caught_up && !incomplete && !everything && cache.sequence.is_some();
@@ -338,6 +363,9 @@ impl OpenLog {
         tracing::debug!(
             read,
             reused = processes.len() + skipped.len() - read,
+            list_ms = listed.as_secs_f64() * 1e3,
+            catch_up_ms = after_catch_up.as_secs_f64() * 1e3,
+            read_ms = started.elapsed().as_secs_f64() * 1e3,
             "read processes"
         );
         let result: Vec<ProcessFiles> = processes.values().cloned().collect();
@@ -564,6 +592,7 @@ fn on_process_event(state: &mut State, event: ProcEvent) {
         }
         ProcEvent::Exit { pid } => {
             state.touched.remove(&pid);
+            state.opened.remove(&pid);
             if let Some(key) = state.live.remove(&pid) {
                 if let Some(record) = state.records.get_mut(&key) {
                     record.alive = false;
@@ -613,7 +642,11 @@ fn on_opens(state: &mut State, batch: OpenBatch) {
         ));
     }
     for event in batch.events {
-        state.touched.insert(event.pid, state.sequence);
+        if event.exec {
+            state.touched.insert(event.pid, state.sequence);
+        } else {
+            state.opened.insert(event.pid, state.sequence);
+        }
         let Some(key) = key_of(state, event.pid) else {
             continue;
         };
@@ -896,6 +929,54 @@ sys.stdin.read(); other.kill(); os.kill(pid, 9)\n";
         // Not everything is read again; python is, since it opened something.
         let second = log.processes(&wanted, &HashSet::new(), false);
         assert_eq!(holds(&second), Some(true), "python's open was not noticed");
+    }
+
+    /// A process that since the last read only opened files nobody asks about is
+    /// taken from that read: it cannot have come to hold a wanted file. Seen here
+    /// through a change no event reports (python starts ignoring SIGHUP), which
+    /// only a new read shows.
+    #[test]
+    fn a_process_that_only_opened_other_files_is_not_read_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let dir_file = std::fs::File::open(dir.path()).unwrap();
+        let (log, _) = OpenLog::start(dir.path()).unwrap();
+        let data = dir.path().join("data");
+        let other = dir.path().join("other");
+        std::fs::write(&data, b"wanted").unwrap();
+        std::fs::write(&other, b"unrelated").unwrap();
+        let (file, _) = entry(&dir_file, "data");
+        let wanted = HashSet::from([file]);
+        let mut process = Python::run(
+            "import os, signal, sys; print('up', flush=True); sys.stdin.readline(); \
+             signal.signal(signal.SIGHUP, signal.SIG_IGN); \
+             open(os.path.join(os.path.dirname(sys.argv[1]), 'other')).read(); \
+             print('done', flush=True); sys.stdin.readline()",
+            &data,
+        );
+        assert_eq!(process.line(), "up\n");
+        let pid = process.pid();
+        let ignores = |processes: &[ProcessFiles]| {
+            processes
+                .iter()
+                .find(|process| process.key.pid == pid)
+                .map(|process| process.ignores_hangup)
+        };
+        assert_eq!(
+            ignores(&log.processes(&wanted, &HashSet::new(), true)),
+            Some(false)
+        );
+        process.say("go\n");
+        assert_eq!(process.line(), "done\n");
+        assert_eq!(
+            ignores(&log.processes(&wanted, &HashSet::new(), false)),
+            Some(false),
+            "python opened only an unrelated file, yet it was read again"
+        );
+        assert_eq!(
+            ignores(&log.processes(&wanted, &HashSet::new(), true)),
+            Some(true),
+            "a full read does not show python ignoring SIGHUP"
+        );
     }
 
     /// Regression: in the one-change benchmark the agent SIGTERMed the benchmark's
