@@ -97,12 +97,24 @@ pub fn follow(client: &Client, options: &FollowOptions<'_>) -> Result<FollowSumm
     }
     let mut current = applier.current_version()?;
     client.hello(options.name, &Hello { version: current })?;
+    // `--once` catches up to the head as it is now; otherwise the next version's
+    // bundle is asked for and arrives the moment the version is committed (one
+    // request per version, no separate wait for the head).
+    let once_head = if options.once { client.head()? } else { None };
     loop {
-        let head = if options.once {
-            client.head()?
+        let version = current.map_or(0, |v| v + 1);
+        let bundle = if options.once {
+            if once_head.is_none_or(|head| head < version) {
+                summary.version = current;
+                return Ok(summary);
+            }
+            client
+                .bundle(version, BUNDLE_BYTES)
+                .map_err(ApplyError::from)
         } else {
-            match client.wait_head(current, options.poll_wait) {
-                Ok(head) => head,
+            match client.wait_bundle(version, BUNDLE_BYTES, options.poll_wait) {
+                Ok(Some(bundle)) => Ok(bundle),
+                Ok(None) => continue,
                 Err(err) => {
                     tracing::warn!(error = %error_chain(&err), "repository unreachable; retrying");
                     std::thread::sleep(options.retry_after);
@@ -110,53 +122,50 @@ pub fn follow(client: &Client, options: &FollowOptions<'_>) -> Result<FollowSumm
                 }
             }
         };
-        while head.is_some() && current < head {
-            let version = current.map_or(0, |v| v + 1);
-            match apply_one(client, &applier, &processes, options, version, current) {
-                Ok(applied) => {
-                    tracing::info!(
+        match bundle.and_then(|bundle| {
+            apply_one(
+                client, &applier, &processes, options, version, current, bundle,
+            )
+        }) {
+            Ok(applied) => {
+                tracing::info!(
+                    version,
+                    files = applied.files,
+                    removed = applied.removed,
+                    processes = applied.processes.len(),
+                    ms = applied.duration_ms,
+                    "applied"
+                );
+                report(client, options.name, &outcome_of(&applied));
+                summary.applied.push(applied);
+                current = Some(version);
+            }
+            Err(err) => {
+                let message = error_chain(&err);
+                tracing::error!(version, error = %message, "version failed to apply");
+                report(
+                    client,
+                    options.name,
+                    &Outcome {
                         version,
-                        files = applied.files,
-                        removed = applied.removed,
-                        processes = applied.processes.len(),
-                        ms = applied.duration_ms,
-                        "applied"
-                    );
-                    report(client, options.name, &outcome_of(&applied));
-                    summary.applied.push(applied);
-                    current = Some(version);
+                        status: OutcomeStatus::Failed,
+                        files: 0,
+                        removed: 0,
+                        bytes_fetched: 0,
+                        duration_ms: 0,
+                        recovered: false,
+                        warnings: Vec::new(),
+                        error: Some(message),
+                        processes: Vec::new(),
+                    },
+                );
+                if options.once {
+                    return Err(err);
                 }
-                Err(err) => {
-                    let message = error_chain(&err);
-                    tracing::error!(version, error = %message, "version failed to apply");
-                    report(
-                        client,
-                        options.name,
-                        &Outcome {
-                            version,
-                            status: OutcomeStatus::Failed,
-                            files: 0,
-                            removed: 0,
-                            bytes_fetched: 0,
-                            duration_ms: 0,
-                            recovered: false,
-                            warnings: Vec::new(),
-                            error: Some(message),
-                            processes: Vec::new(),
-                        },
-                    );
-                    if options.once {
-                        return Err(err);
-                    }
-                    std::thread::sleep(options.retry_after);
-                    break;
-                }
+                std::thread::sleep(options.retry_after);
             }
         }
         summary.version = current;
-        if options.once {
-            return Ok(summary);
-        }
     }
 }
 
@@ -174,17 +183,6 @@ fn fetch_changeset(
     Ok(changeset)
 }
 
-/// The changeset of `version` and the content of its small blobs, in one request.
-fn fetch_bundle(
-    client: &Client,
-    version: u64,
-    current: Option<u64>,
-) -> Result<vdsync_client::Bundle, ApplyError> {
-    let bundle = client.bundle(version, BUNDLE_BYTES)?;
-    check_parent(&bundle.changeset, version, current)?;
-    Ok(bundle)
-}
-
 fn check_parent(
     changeset: &Changeset,
     version: u64,
@@ -200,6 +198,7 @@ fn check_parent(
     Ok(())
 }
 
+/// Applies `version`, whose changeset and small blobs came in `bundle`.
 fn apply_one(
     client: &Client,
     applier: &Applier,
@@ -207,8 +206,10 @@ fn apply_one(
     options: &FollowOptions<'_>,
     version: u64,
     current: Option<u64>,
+    bundle: vdsync_client::Bundle,
 ) -> Result<Applied, ApplyError> {
-    let vdsync_client::Bundle { changeset, blobs } = fetch_bundle(client, version, current)?;
+    let vdsync_client::Bundle { changeset, blobs } = bundle;
+    check_parent(&changeset, version, current)?;
     let source = crate::Prefetched {
         blobs,
         rest: client,

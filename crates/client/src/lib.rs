@@ -147,20 +147,6 @@ impl Client {
         Ok(self.get::<Head>("/v1/head")?.head)
     }
 
-    /// Waits (server side, without polling) until the head passes `after`, or
-    /// `wait` elapses; returns the head either way.
-    pub fn wait_head(
-        &self,
-        after: Option<u64>,
-        wait: Duration,
-    ) -> Result<Option<u64>, ClientError> {
-        let path = match after {
-            Some(after) => format!("/v1/head?after={after}&wait_ms={}", wait.as_millis()),
-            None => format!("/v1/head?wait_ms={}", wait.as_millis()),
-        };
-        Ok(self.get::<Head>(&path)?.head)
-    }
-
     pub fn versions(&self) -> Result<Vec<VersionInfo>, ClientError> {
         self.get("/v1/versions")
     }
@@ -183,32 +169,27 @@ impl Client {
     pub fn bundle(&self, version: u64, max_bytes: u64) -> Result<Bundle, ClientError> {
         let path = format!("/v1/versions/{version}/bundle?max_bytes={max_bytes}");
         let response = self.send(self.http.get(format!("{}{path}", self.base)), &path)?;
-        let mut input = BufReader::new(response);
-        let mut changeset = None;
-        let mut blobs = HashMap::new();
-        while let Some(header) =
-            vdsync_store::read_pack_header(&mut input).map_err(ClientError::Blob)?
-        {
-            let mut content = Vec::new();
-            vdsync_store::read_frame(&mut input, header.hash, header.len, &mut |reader| {
-                reader.read_to_end(&mut content).map(|_| ())
-            })
-            .map_err(ClientError::Blob)?;
-            match changeset {
-                None => {
-                    changeset =
-                        Some(serde_json::from_slice(&content).map_err(ClientError::BadChangeset)?)
-                }
-                Some(_) => {
-                    blobs.insert(header.hash, content);
-                }
-            }
+        read_bundle(response, version)
+    }
+
+    /// [`Client::bundle`] of a version that may not exist yet: waits (server side,
+    /// without polling) until it is committed or `wait` elapses; `None` if it was
+    /// not.
+    pub fn wait_bundle(
+        &self,
+        version: u64,
+        max_bytes: u64,
+        wait: Duration,
+    ) -> Result<Option<Bundle>, ClientError> {
+        let path = format!(
+            "/v1/versions/{version}/bundle?max_bytes={max_bytes}&wait_ms={}",
+            wait.as_millis()
+        );
+        let response = self.send(self.http.get(format!("{}{path}", self.base)), &path)?;
+        if response.status() == reqwest::StatusCode::NO_CONTENT {
+            return Ok(None);
         }
-        let changeset = changeset.ok_or_else(|| ClientError::Server {
-            status: 200,
-            message: format!("an empty bundle for version {version}"),
-        })?;
-        Ok(Bundle { changeset, blobs })
+        read_bundle(response, version).map(Some)
     }
 
     /// The subset of `hashes` the repository does not hold, asked in batches.
@@ -416,4 +397,35 @@ impl Read for PackReader {
         (self.on_bytes)(n as u64);
         Ok(n)
     }
+}
+
+/// Reads a bundle response: the changeset's blob first, then the blobs beside it,
+/// each checked against its hash.
+fn read_bundle(response: reqwest::blocking::Response, version: u64) -> Result<Bundle, ClientError> {
+    let mut input = BufReader::new(response);
+    let mut changeset = None;
+    let mut blobs = HashMap::new();
+    while let Some(header) =
+        vdsync_store::read_pack_header(&mut input).map_err(ClientError::Blob)?
+    {
+        let mut content = Vec::new();
+        vdsync_store::read_frame(&mut input, header.hash, header.len, &mut |reader| {
+            reader.read_to_end(&mut content).map(|_| ())
+        })
+        .map_err(ClientError::Blob)?;
+        match changeset {
+            None => {
+                changeset =
+                    Some(serde_json::from_slice(&content).map_err(ClientError::BadChangeset)?)
+            }
+            Some(_) => {
+                blobs.insert(header.hash, content);
+            }
+        }
+    }
+    let changeset = changeset.ok_or_else(|| ClientError::Server {
+        status: 200,
+        message: format!("an empty bundle for version {version}"),
+    })?;
+    Ok(Bundle { changeset, blobs })
 }

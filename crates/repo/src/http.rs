@@ -135,6 +135,10 @@ async fn get_changeset(
 #[derive(Debug, Deserialize)]
 struct BundleQuery {
     max_bytes: Option<u64>,
+    /// Wait this long (at most [`MAX_HEAD_WAIT`]) for the version to be committed,
+    /// as `GET /v1/head?after=N` does: an agent asks for the next version's
+    /// bundle and gets it the moment it exists, in one request.
+    wait_ms: Option<u64>,
 }
 
 /// The most content a bundle carries, whatever the client asks for: it is built in
@@ -142,13 +146,24 @@ struct BundleQuery {
 const MAX_BUNDLE_BYTES: u64 = 1 << 20;
 
 /// A version's changeset and its small blobs in one pack (see
-/// `Repository::bundle`).
+/// `Repository::bundle`). With `wait_ms`, a version not committed yet is waited
+/// for; still none when the wait ends: 204 No Content.
 async fn get_bundle(
     State(repo): SharedRepository,
     PathParameter(version): PathParameter<u64>,
     QueryParameters(query): QueryParameters<BundleQuery>,
 ) -> Result<Response, RepoError> {
     let max_bytes = query.max_bytes.unwrap_or(0).min(MAX_BUNDLE_BYTES);
+    if let Some(wait_ms) = query.wait_ms {
+        // Subscribed before looking, as in `get_head`.
+        let mut head_receiver = repo.subscribe_head();
+        let committed = |head: &Option<u64>| head.is_some_and(|head| head >= version);
+        let wait = Duration::from_millis(wait_ms).min(MAX_HEAD_WAIT);
+        let _ = tokio::time::timeout(wait, head_receiver.wait_for(committed)).await;
+        if !committed(&head_receiver.borrow()) {
+            return Ok(StatusCode::NO_CONTENT.into_response());
+        }
+    }
     let pack = run_blocking(&repo, move |repo| repo.bundle(version, max_bytes)).await?;
     Ok(([(header::CONTENT_TYPE, "application/octet-stream")], pack).into_response())
 }

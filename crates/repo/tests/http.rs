@@ -379,6 +379,60 @@ fn long_poll_wakes_when_a_commit_lands() {
     assert!(started.elapsed() >= Duration::from_millis(200));
 }
 
+/// An agent asks for the next version's bundle before it exists: the answer comes
+/// when the version is committed, holding its changeset and content; with nothing
+/// committed before the wait ends, 204.
+#[test]
+fn a_bundle_waited_for_arrives_when_its_version_is_committed() {
+    let server = TestServer::start();
+    assert_eq!(
+        server.upload_pack(pack_record(b"v0")).status(),
+        StatusCode::OK
+    );
+    assert_eq!(
+        server.commit(&base_changeset(), "base").status(),
+        StatusCode::CREATED
+    );
+    assert_eq!(
+        server.upload_pack(pack_record(b"v1")).status(),
+        StatusCode::OK
+    );
+
+    let bundle_url = server.url("/v1/versions/1/bundle?max_bytes=65536&wait_ms=30000");
+    let poll_client = server.client.clone();
+    let poller = thread::spawn(move || {
+        let started = Instant::now();
+        let response = poll_client.get(bundle_url).send().unwrap();
+        let status = response.status();
+        (status, response.bytes().unwrap().to_vec(), started.elapsed())
+    });
+    wait_until(Duration::from_secs(10), "the bundle request to park", || {
+        server.repo.head_subscribers() == 1
+    });
+    let edit = edit_changeset(0, b"v1");
+    assert_eq!(server.commit(&edit, "edit").status(), StatusCode::CREATED);
+    let (status, pack, waited) = poller.join().unwrap();
+    assert_eq!(status, StatusCode::OK);
+    assert!(
+        waited < Duration::from_secs(15),
+        "the bundle took {waited:?}; it should come with the commit, not at the end of the wait"
+    );
+    let mut expected = pack_record(&serde_json::to_vec(&edit).unwrap());
+    expected.extend(pack_record(b"v1"));
+    assert_eq!(pack, expected, "the bundle is the changeset, then the content");
+
+    // Version 2 does not come: 204 once the wait ends, and nothing to read.
+    let started = Instant::now();
+    let response = server.get("/v1/versions/2/bundle?wait_ms=200");
+    assert_eq!(response.status(), StatusCode::NO_CONTENT);
+    assert!(started.elapsed() >= Duration::from_millis(200));
+    // Without `wait_ms` an unknown version is still an error.
+    assert_eq!(
+        server.get("/v1/versions/2/bundle").status(),
+        StatusCode::NOT_FOUND
+    );
+}
+
 #[test]
 fn fetch_returns_exactly_the_uploaded_bytes() {
     let server = TestServer::start();
