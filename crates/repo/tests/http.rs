@@ -404,11 +404,17 @@ fn a_bundle_waited_for_arrives_when_its_version_is_committed() {
         let started = Instant::now();
         let response = poll_client.get(bundle_url).send().unwrap();
         let status = response.status();
-        (status, response.bytes().unwrap().to_vec(), started.elapsed())
+        (
+            status,
+            response.bytes().unwrap().to_vec(),
+            started.elapsed(),
+        )
     });
-    wait_until(Duration::from_secs(10), "the bundle request to park", || {
-        server.repo.head_subscribers() == 1
-    });
+    wait_until(
+        Duration::from_secs(10),
+        "the bundle request to park",
+        || server.repo.head_subscribers() == 1,
+    );
     let edit = edit_changeset(0, b"v1");
     assert_eq!(server.commit(&edit, "edit").status(), StatusCode::CREATED);
     let (status, pack, waited) = poller.join().unwrap();
@@ -419,7 +425,10 @@ fn a_bundle_waited_for_arrives_when_its_version_is_committed() {
     );
     let mut expected = pack_record(&serde_json::to_vec(&edit).unwrap());
     expected.extend(pack_record(b"v1"));
-    assert_eq!(pack, expected, "the bundle is the changeset, then the content");
+    assert_eq!(
+        pack, expected,
+        "the bundle is the changeset, then the content"
+    );
 
     // Version 2 does not come: 204 once the wait ends, and nothing to read.
     let started = Instant::now();
