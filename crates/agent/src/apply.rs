@@ -168,6 +168,39 @@ fn stage_name(index: usize) -> Vec<u8> {
     format!("e{index}").into_bytes()
 }
 
+/// `applied` holds two slots of this many bytes; each is `VERSION HASH`, padded
+/// with spaces, then a newline, HASH being the first 16 hex digits of the BLAKE3
+/// of the version's decimal digits. Versions alternate between the slots, so a
+/// write torn by a crash leaves the other slot, one version older, intact.
+const APPLIED_SLOT_LEN: usize = 64;
+
+fn encode_applied_slot(version: u64) -> Vec<u8> {
+    let digits = version.to_string();
+    let hash = Hash::of(digits.as_bytes()).to_hex();
+    let mut slot = format!("{digits} {}", &hash[..16]).into_bytes();
+    slot.resize(APPLIED_SLOT_LEN - 1, b' ');
+    slot.push(b'\n');
+    slot
+}
+
+/// The version `applied` records: the higher of its valid slots, or for a file
+/// of the old format (`VERSION\n`, written whole and renamed) that number.
+fn decode_applied(bytes: &[u8]) -> Option<u64> {
+    let slot = |bytes: &[u8]| -> Option<u64> {
+        let text = std::str::from_utf8(bytes).ok()?;
+        let mut words = text.split_whitespace();
+        let digits = words.next()?;
+        let hash = words.next()?;
+        let version: u64 = digits.parse().ok()?;
+        (Hash::of(digits.as_bytes()).to_hex().get(..16) == Some(hash)).then_some(version)
+    };
+    if bytes.len() == 2 * APPLIED_SLOT_LEN {
+        let (first, second) = bytes.split_at(APPLIED_SLOT_LEN);
+        return slot(first).into_iter().chain(slot(second)).max();
+    }
+    std::str::from_utf8(bytes).ok()?.trim().parse().ok()
+}
+
 /// The journal file's first line: `vdsync-journal LENGTH HASH`, then LENGTH bytes of
 /// JSON whose BLAKE3 is HASH.
 const JOURNAL_MAGIC: &str = "vdsync-journal";
@@ -259,6 +292,43 @@ impl Applier {
         Ok(())
     }
 
+    /// Records `version` as applied: written over the older of the two slots of
+    /// `applied` in place (see [`encode_applied_slot`]), so the newer record
+    /// survives a torn write and no file is created, renamed or freed per version.
+    /// With `sync`, fdatasync'd here; otherwise the caller's syncfs carries it.
+    fn write_applied(&self, version: u64, sync: bool) -> io::Result<()> {
+        use std::os::unix::fs::FileExt;
+        let path = self.applied_path();
+        let in_slots =
+            std::fs::metadata(&path).is_ok_and(|meta| meta.len() == 2 * APPLIED_SLOT_LEN as u64);
+        if !in_slots {
+            // None yet, or one in the old one-line format: the slot file is made
+            // whole and renamed into place (a crash leaves the old record or the
+            // new one), once.
+            let mut bytes = encode_applied_slot(version);
+            bytes.extend_from_slice(&encode_applied_slot(version));
+            let mut temporary = path.clone().into_os_string();
+            temporary.push(".tmp");
+            {
+                let mut file = File::create(&temporary)?;
+                file.write_all(&bytes)?;
+                file.sync_data()?;
+            }
+            std::fs::rename(&temporary, &path)?;
+            return vdsync_sys::fsync_dir(&self.state_dir);
+        }
+        let file = std::fs::OpenOptions::new().write(true).open(&path)?;
+        let slot = (version % 2) as usize;
+        file.write_all_at(
+            &encode_applied_slot(version),
+            (slot * APPLIED_SLOT_LEN) as u64,
+        )?;
+        if sync {
+            file.sync_data()?;
+        }
+        Ok(())
+    }
+
     /// Empties the journal; not synced (see [`Applier::recover`]).
     fn clear_journal(&self) -> Result<(), ApplyError> {
         let path = self.journal_path();
@@ -281,21 +351,30 @@ impl Applier {
     /// image's own marker (`var/lib/vdsync/image-version` in the tree), else none.
     pub fn current_version(&self) -> Result<Option<u64>, ApplyError> {
         let recorded = self.applied_path();
-        let image_marker = self.root.path().join("var/lib/vdsync/image-version");
-        for path in [recorded, image_marker] {
-            match std::fs::read_to_string(&path) {
-                Ok(text) => {
-                    let version = text.trim().parse().map_err(|_| ApplyError::CorruptState {
-                        path: path.clone(),
-                        message: format!("{:?} is not a version number", text.trim()),
-                    })?;
-                    return Ok(Some(version));
-                }
-                Err(err) if err.kind() == io::ErrorKind::NotFound => continue,
-                Err(source) => return Err(io_at(path, "read")(source)),
+        match std::fs::read(&recorded) {
+            Ok(bytes) => {
+                return decode_applied(&bytes)
+                    .map(Some)
+                    .ok_or_else(|| ApplyError::CorruptState {
+                        path: recorded,
+                        message: "neither slot holds a version with a matching hash".to_owned(),
+                    })
             }
+            Err(err) if err.kind() == io::ErrorKind::NotFound => {}
+            Err(source) => return Err(io_at(recorded, "read")(source)),
         }
-        Ok(None)
+        let image_marker = self.root.path().join("var/lib/vdsync/image-version");
+        match std::fs::read_to_string(&image_marker) {
+            Ok(text) => {
+                let version = text.trim().parse().map_err(|_| ApplyError::CorruptState {
+                    path: image_marker.clone(),
+                    message: format!("{:?} is not a version number", text.trim()),
+                })?;
+                Ok(Some(version))
+            }
+            Err(err) if err.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(source) => Err(io_at(image_marker, "read")(source)),
+        }
     }
 
     /// Finishes an interrupted apply, if the journal says there is one.
@@ -789,23 +868,14 @@ impl Applier {
         // one sync covers both. That is safe: while the journal exists a restart
         // rolls forward first, whatever `applied` says.
         let applied_path = self.applied_path();
-        let mut temporary = applied_path.clone().into_os_string();
-        temporary.push(".tmp");
-        {
-            let mut file = File::create(&temporary).map_err(io_at(&applied_path, "write"))?;
-            file.write_all(format!("{}\n", journal.version).as_bytes())
-                .map_err(io_at(&applied_path, "write"))?;
-            if fsync_each {
-                // No syncfs below to carry the content.
-                file.sync_data().map_err(io_at(&applied_path, "fsync"))?;
-            }
-        }
-        std::fs::rename(&temporary, &applied_path).map_err(io_at(&applied_path, "write"))?;
+        self.write_applied(journal.version, fsync_each)
+            .map_err(io_at(&applied_path, "write"))?;
         if fsync_each {
             // Every directory whose entries or metadata this version changed: the
             // parents of removed paths, of placed non-directories and of created
-            // directories, every placed directory (its metadata), the trash if
-            // something went there, and the state directory (`applied`).
+            // directories, every placed directory (its metadata), and the trash if
+            // something went there. Not the state directory: `applied` and the
+            // journal are written in place, their names made durable once.
             let mut directories: std::collections::BTreeSet<Vec<u8>> = changeset
                 .removed
                 .iter()
@@ -849,7 +919,6 @@ impl Applier {
             if let Some(trash_dir) = &trash_dir {
                 vdsync_sys::fsync(trash_dir.as_fd()).map_err(io_at(&trash, "fsync"))?;
             }
-            vdsync_sys::fsync_dir(&self.state_dir).map_err(io_at(&self.state_dir, "fsync"))?;
         } else {
             vdsync_sys::syncfs(self.root.fd()).map_err(io_at(self.root.path(), "syncfs"))?;
             // And every file system mounted inside the tree: directories made and
@@ -1141,6 +1210,43 @@ mod tests {
         assert_eq!(std::fs::read_to_string(root.join("kept")).unwrap(), "old");
         assert!(!state.join("stage/e0").exists(), "staged leftovers kept");
         assert_eq!(applier.current_version().unwrap(), None);
+    }
+
+    /// Versions alternate between the two slots of `applied`; a slot torn by a
+    /// crash leaves the other, one version older; the old one-line format reads.
+    #[test]
+    fn applied_survives_a_torn_slot_and_reads_the_old_format() {
+        let temp = tempfile::tempdir().unwrap();
+        let root = temp.path().join("root");
+        let state = temp.path().join("state");
+        std::fs::create_dir_all(&root).unwrap();
+        std::fs::create_dir_all(&state).unwrap();
+        let applier = Applier::open(&root, &state).unwrap();
+        assert_eq!(applier.current_version().unwrap(), None);
+
+        std::fs::write(state.join("applied"), "7\n").unwrap();
+        assert_eq!(applier.current_version().unwrap(), Some(7));
+        for version in 8..=11 {
+            applier.write_applied(version, true).unwrap();
+            assert_eq!(applier.current_version().unwrap(), Some(version));
+        }
+        let bytes = std::fs::read(state.join("applied")).unwrap();
+        assert_eq!(bytes.len(), 2 * APPLIED_SLOT_LEN, "not rewritten in place");
+
+        // 12 goes to slot 0 (over 10) and is torn inside its hash: 11 in slot 1
+        // stands.
+        let mut torn = bytes.clone();
+        let slot = encode_applied_slot(12);
+        torn[..8].copy_from_slice(&slot[..8]);
+        std::fs::write(state.join("applied"), &torn).unwrap();
+        assert_eq!(applier.current_version().unwrap(), Some(11));
+
+        // Both slots unreadable: said so, not taken for "no version".
+        std::fs::write(state.join("applied"), vec![b'x'; 2 * APPLIED_SLOT_LEN]).unwrap();
+        assert!(matches!(
+            applier.current_version(),
+            Err(ApplyError::CorruptState { .. })
+        ));
     }
 
     #[test]
