@@ -33,10 +33,12 @@
 //! The engine is shared by the agent and (later) the image builder; it knows nothing
 //! of HTTP: blobs come from a [`BlobSource`].
 
+use std::cell::Cell;
 use std::collections::HashMap;
 use std::fs::File;
 use std::io::{self, Read, Seek, SeekFrom, Write};
 use std::os::fd::{AsFd, BorrowedFd};
+use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -329,6 +331,41 @@ impl Applier {
         Ok(())
     }
 
+    /// The staging directory, made if need be. Made once: its own name must be
+    /// durable before a journal names it.
+    fn make_stage_dir(&self) -> Result<PathBuf, ApplyError> {
+        let stage = self.stage_dir();
+        match std::fs::create_dir(&stage) {
+            Ok(()) => {
+                vdsync_sys::fsync_dir(&self.work_dir).map_err(io_at(&self.work_dir, "fsync"))?
+            }
+            Err(err) if err.kind() == io::ErrorKind::AlreadyExists => {}
+            Err(err) => return Err(io_at(&stage, "create")(err)),
+        }
+        Ok(stage)
+    }
+
+    /// Makes the spare staging files that are missing (see [`SPARE_FILES`]) and
+    /// syncs their names. Off the path of a version: the agent calls it once a
+    /// version is applied and reported, so that the next one-file version creates
+    /// no file and syncs no directory while it stages.
+    pub fn make_spares(&self) -> Result<(), ApplyError> {
+        let stage = self.make_stage_dir()?;
+        let stage_dir = File::open(&stage).map_err(io_at(&stage, "open"))?;
+        let mut made = false;
+        for index in 0..SPARE_FILES {
+            match vdsync_sys::create_file_at(stage_dir.as_fd(), &stage_name(index)) {
+                Ok(_) => made = true,
+                Err(err) if err.kind() == io::ErrorKind::AlreadyExists => {}
+                Err(err) => return Err(io_at(&stage, "create a spare file in")(err)),
+            }
+        }
+        if made {
+            vdsync_sys::fsync(stage_dir.as_fd()).map_err(io_at(&stage, "fsync"))?;
+        }
+        Ok(())
+    }
+
     /// Empties the journal; not synced (see [`Applier::recover`]).
     fn clear_journal(&self) -> Result<(), ApplyError> {
         let path = self.journal_path();
@@ -412,9 +449,9 @@ impl Applier {
         Ok(Some(applied))
     }
 
-    /// Empties the staging directory and removes the trash.
+    /// Empties the staging directory but for its spares, and removes the trash.
     fn discard_leftovers(&self) -> Result<(), ApplyError> {
-        empty_directory(&self.stage_dir())?;
+        clear_stage(&self.stage_dir())?;
         let trash = self.trash_dir();
         match std::fs::remove_dir_all(&trash) {
             Err(err) if err.kind() != io::ErrorKind::NotFound => Err(io_at(trash, "remove")(err)),
@@ -447,15 +484,7 @@ impl Applier {
             .validate()
             .map_err(|source| ApplyError::InvalidChangeset { version, source })?;
         self.discard_leftovers()?;
-        let stage = self.stage_dir();
-        match std::fs::create_dir(&stage) {
-            // Made once: its own name must be durable before a journal names it.
-            Ok(()) => {
-                vdsync_sys::fsync_dir(&self.work_dir).map_err(io_at(&self.work_dir, "fsync"))?
-            }
-            Err(err) if err.kind() == io::ErrorKind::AlreadyExists => {}
-            Err(err) => return Err(io_at(&stage, "create")(err)),
-        }
+        let stage = self.make_stage_dir()?;
         let (bytes_fetched, warnings) = self.stage(changeset, &stage, blobs)?;
         Ok(Prepared {
             journal: Journal {
@@ -548,6 +577,9 @@ impl Applier {
         let stage_dir = File::open(stage).map_err(io_at(stage, "open"))?;
         let stage_fd = stage_dir.as_fd();
         let fsync_each = small(changeset);
+        // Whether a name was made in the staging directory (not just a spare
+        // written): only then must the directory be synced.
+        let named = Cell::new(false);
         let mut warnings = Vec::new();
         let index_of: HashMap<&RepoPath, usize> = changeset
             .entries
@@ -580,7 +612,7 @@ impl Applier {
                 let first = users[0];
                 let first_entry = &changeset.entries[first].entry;
                 let name = stage_name(first);
-                let mut file = vdsync_sys::create_file_at(stage_fd, &name)?;
+                let mut file = stage_file(stage_fd, &name, &named)?;
                 write_content(&mut file, &first_entry.kind, content)?;
                 finish_file(&file, &first_entry.meta)?;
                 if fsync_each {
@@ -588,7 +620,7 @@ impl Applier {
                 }
                 for &other in &users[1..] {
                     let mut source = vdsync_sys::open_file_at(stage_fd, &name)?;
-                    let mut copy = vdsync_sys::create_file_at(stage_fd, &stage_name(other))?;
+                    let mut copy = stage_file(stage_fd, &stage_name(other), &named)?;
                     let mut runs = SegmentReader::from_entry(&mut source, &first_entry.kind);
                     write_content(&mut copy, &changeset.entries[other].entry.kind, &mut runs)?;
                     finish_file(&copy, &changeset.entries[other].entry.meta)?;
@@ -627,6 +659,8 @@ impl Applier {
                     continue;
                 }
                 EntryKind::Symlink { target } => {
+                    clear_name(stage_fd, &name, &named)
+                        .map_err(tree_io(&item.path, "stage symlink"))?;
                     vdsync_sys::symlink_at(target, stage_fd, &name)
                         .map_err(tree_io(&item.path, "stage symlink"))?;
                     vdsync_sys::set_owner_mode_at(stage_fd, &name, meta.uid, meta.gid, None)
@@ -636,6 +670,8 @@ impl Applier {
                     continue;
                 }
                 EntryKind::HardLink { target } => {
+                    clear_name(stage_fd, &name, &named)
+                        .map_err(tree_io(&item.path, "stage hard link"))?;
                     match index_of.get(target) {
                         Some(&target_index) => vdsync_sys::link_at(
                             stage_fd,
@@ -672,6 +708,7 @@ impl Applier {
                 EntryKind::CharDevice { rdev } => Special::CharDevice(*rdev),
                 EntryKind::BlockDevice { rdev } => Special::BlockDevice(*rdev),
             };
+            clear_name(stage_fd, &name, &named).map_err(tree_io(&item.path, "mknod"))?;
             vdsync_sys::mknod_at(stage_fd, &name, special, meta.mode)
                 .map_err(tree_io(&item.path, "mknod"))?;
             vdsync_sys::set_owner_mode_at(stage_fd, &name, meta.uid, meta.gid, Some(meta.mode))
@@ -681,8 +718,10 @@ impl Applier {
         }
         if fsync_each {
             // Each file was synced as it was finished; the directory holds the
-            // names, links and special files.
-            vdsync_sys::fsync(stage_fd).map_err(io_at(stage, "fsync"))?;
+            // names, links and special files, unless every one was a spare's.
+            if named.get() {
+                vdsync_sys::fsync(stage_fd).map_err(io_at(stage, "fsync"))?;
+            }
         } else {
             vdsync_sys::syncfs(stage_fd).map_err(io_at(stage, "syncfs"))?;
         }
@@ -938,7 +977,7 @@ impl Applier {
         // already recorded as applied is simply discarded on the next start.
         self.clear_journal()?;
         // Cleanup is not part of the version: a crash here leaves only leftovers.
-        let _ = empty_directory(&journal.stage);
+        let _ = clear_stage(&journal.stage);
         if trash_dir.is_some() || run == Run::Again {
             let _ = std::fs::remove_dir_all(&trash);
         }
@@ -1082,15 +1121,54 @@ fn finish_file(file: &File, meta: &Metadata) -> io::Result<()> {
     vdsync_sys::set_mtime(fd, meta.mtime.sec, meta.mtime.nsec)
 }
 
-/// Removes everything in `directory` (which may not exist), keeping it.
-fn empty_directory(directory: &Path) -> Result<(), ApplyError> {
+/// The first this many staging names (`e0`, `e1`, …) are kept ready as empty files
+/// between versions ([`Applier::make_spares`]): staging a small version then writes
+/// into files whose names are already durable, so it creates no file (slow on a
+/// file system that has seen many deletions) and needs no fsync of the staging
+/// directory, only of each file.
+const SPARE_FILES: usize = 8;
+
+/// Opens staging name `name` in `stage` for writing: the spare there if it is
+/// still pristine, else a new file (replacing whatever was there). `named` is set
+/// when a name was created.
+fn stage_file(stage: BorrowedFd<'_>, name: &[u8], named: &Cell<bool>) -> io::Result<File> {
+    if let Some(spare) = vdsync_sys::open_pristine_file_at(stage, name)? {
+        return Ok(spare);
+    }
+    clear_name(stage, name, named)?;
+    vdsync_sys::create_file_at(stage, name)
+}
+
+/// Removes whatever is at staging name `name` (a spare) before something else
+/// is made there, and records that a name will be created.
+fn clear_name(stage: BorrowedFd<'_>, name: &[u8], named: &Cell<bool>) -> io::Result<()> {
+    vdsync_sys::remove_at(stage, name)?;
+    named.set(true);
+    Ok(())
+}
+
+/// Removes everything in the staging directory `directory` (which may not exist)
+/// but the pristine spares, keeping the directory.
+fn clear_stage(directory: &Path) -> Result<(), ApplyError> {
     let listing = match std::fs::read_dir(directory) {
         Ok(listing) => listing,
         Err(err) if err.kind() == io::ErrorKind::NotFound => return Ok(()),
         Err(err) => return Err(io_at(directory, "list")(err)),
     };
+    let stage = File::open(directory).map_err(io_at(directory, "open"))?;
+    let spares: Vec<Vec<u8>> = (0..SPARE_FILES).map(stage_name).collect();
     for item in listing {
         let item = item.map_err(io_at(directory, "list"))?;
+        let name = item.file_name();
+        if spares
+            .iter()
+            .any(|spare| spare.as_slice() == name.as_bytes())
+            && vdsync_sys::open_pristine_file_at(stage.as_fd(), name.as_bytes())
+                .map_err(io_at(item.path(), "open"))?
+                .is_some()
+        {
+            continue;
+        }
         let path = item.path();
         let is_dir = item.file_type().is_ok_and(|kind| kind.is_dir());
         let removed = if is_dir {
@@ -1210,6 +1288,79 @@ mod tests {
         assert_eq!(std::fs::read_to_string(root.join("kept")).unwrap(), "old");
         assert!(!state.join("stage/e0").exists(), "staged leftovers kept");
         assert_eq!(applier.current_version().unwrap(), None);
+    }
+
+    /// Blob contents by hash, for applying in tests.
+    struct Contents(HashMap<Hash, Vec<u8>>);
+
+    impl Contents {
+        fn of(contents: &[&[u8]]) -> Contents {
+            Contents(
+                contents
+                    .iter()
+                    .map(|content| (Hash::of(content), content.to_vec()))
+                    .collect(),
+            )
+        }
+    }
+
+    impl BlobSource for Contents {
+        fn fetch(
+            &self,
+            hashes: &[Hash],
+            sink: &mut dyn FnMut(Hash, &mut dyn Read) -> io::Result<()>,
+        ) -> Result<u64, ApplyError> {
+            for hash in hashes {
+                sink(*hash, &mut &self.0[hash][..]).map_err(io_at("test blobs", "read"))?;
+            }
+            Ok(0)
+        }
+    }
+
+    /// A one-file version is staged in the spare file made for its index, so it
+    /// creates no name while staging; a spare that is no longer empty is not used.
+    #[test]
+    fn a_small_version_is_staged_in_a_spare_file() {
+        use std::os::unix::fs::MetadataExt;
+        use vdsync_proto::fixtures::{dir_entry, file_entry};
+        let temp = tempfile::tempdir().unwrap();
+        let root = temp.path().join("root");
+        let state = temp.path().join("state");
+        std::fs::create_dir_all(&root).unwrap();
+        let applier = Applier::open(&root, &state).unwrap();
+        applier.make_spares().unwrap();
+        let stage = state.join("stage");
+        let spare = std::fs::metadata(stage.join("e1")).unwrap().ino();
+
+        let first = Changeset {
+            parent: None,
+            removed: vec![],
+            entries: vec![dir_entry("d"), file_entry("d/f", b"first")],
+        };
+        applier
+            .apply(0, &first, &Contents::of(&[b"first"]))
+            .unwrap();
+        assert_eq!(std::fs::read(root.join("d/f")).unwrap(), b"first");
+        assert_eq!(
+            std::fs::metadata(root.join("d/f")).unwrap().ino(),
+            spare,
+            "the file was staged in a new file, not in the spare"
+        );
+        assert!(!stage.join("e1").exists(), "the used spare is still there");
+        assert!(stage.join("e0").exists(), "an unused spare was removed");
+
+        applier.make_spares().unwrap();
+        std::fs::write(stage.join("e1"), "left behind").unwrap();
+        let second = Changeset {
+            parent: Some(0),
+            removed: vec![],
+            entries: vec![dir_entry("d"), file_entry("d/f", b"second")],
+        };
+        applier
+            .apply(1, &second, &Contents::of(&[b"second"]))
+            .unwrap();
+        assert_eq!(std::fs::read(root.join("d/f")).unwrap(), b"second");
+        assert_eq!(applier.current_version().unwrap(), Some(1));
     }
 
     /// Versions alternate between the two slots of `applied`; a slot torn by a

@@ -96,6 +96,7 @@ pub fn follow(client: &Client, options: &FollowOptions<'_>) -> Result<FollowSumm
         log.processes(&HashSet::new(), &HashSet::new(), true);
     }
     let mut current = applier.current_version()?;
+    make_spares(&applier);
     client.hello(options.name, &Hello { version: current })?;
     // `--once` catches up to the head as it is now; otherwise the next version's
     // bundle is asked for and arrives the moment the version is committed (one
@@ -139,6 +140,7 @@ pub fn follow(client: &Client, options: &FollowOptions<'_>) -> Result<FollowSumm
                 report(client, options.name, &outcome_of(&applied));
                 summary.applied.push(applied);
                 current = Some(version);
+                make_spares(&applier);
             }
             Err(err) => {
                 let message = error_chain(&err);
@@ -166,6 +168,14 @@ pub fn follow(client: &Client, options: &FollowOptions<'_>) -> Result<FollowSumm
             }
         }
         summary.version = current;
+    }
+}
+
+/// Readies the next version's staging files; a failure only costs that version
+/// a few file creations, so it is logged, not raised.
+fn make_spares(applier: &Applier) {
+    if let Err(err) = applier.make_spares() {
+        tracing::warn!(error = %error_chain(&err), "cannot ready the staging files");
     }
 }
 

@@ -183,6 +183,45 @@ pub fn create_file_at(dir: BorrowedFd<'_>, name: &[u8]) -> io::Result<File> {
     Ok(File::from(fd))
 }
 
+/// Opens `name` in `dir` for writing if it is what [`create_file_at`] makes: a
+/// regular file, empty, with one link and no extended attributes. `None` if it is
+/// absent or anything else. Never follows a symlink, never opens a FIFO.
+pub fn open_pristine_file_at(dir: BorrowedFd<'_>, name: &[u8]) -> io::Result<Option<File>> {
+    let pristine = |stat: &rustix::fs::Stat| {
+        rustix::fs::FileType::from_raw_mode(stat.st_mode) == rustix::fs::FileType::RegularFile
+            && stat.st_size == 0
+            && stat.st_nlink == 1
+    };
+    match lstat_at(dir, name)? {
+        Some(stat) if pristine(&stat) => {}
+        _ => return Ok(None),
+    }
+    let fd = match rustix::fs::openat(
+        dir,
+        OsStr::from_bytes(name),
+        OFlags::WRONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC | OFlags::NONBLOCK,
+        Mode::empty(),
+    ) {
+        Ok(fd) => fd,
+        Err(rustix::io::Errno::NOENT | rustix::io::Errno::LOOP | rustix::io::Errno::NXIO) => {
+            return Ok(None)
+        }
+        Err(err) => return Err(err.into()),
+    };
+    // Looked at again through the descriptor: the name may have changed since.
+    if !pristine(&rustix::fs::fstat(&fd)?) {
+        return Ok(None);
+    }
+    let mut none: [u8; 0] = [];
+    match rustix::fs::flistxattr(&fd, &mut none[..]) {
+        Ok(0) | Err(rustix::io::Errno::NOTSUP) => {}
+        Ok(_) => return Ok(None),
+        Err(err) => return Err(err.into()),
+    }
+    rustix::fs::fcntl_setfl(&fd, OFlags::empty())?;
+    Ok(Some(File::from(fd)))
+}
+
 /// Opens the regular file `name` in `dir` for reading, never following a symlink
 /// at `name`.
 pub fn open_file_at(dir: BorrowedFd<'_>, name: &[u8]) -> io::Result<File> {
