@@ -118,29 +118,39 @@ impl BlobStore for LocalBlobStore {
     /// once; a sync per blob flushes once per file and once per directory. With
     /// little dirty, one flush wins, even for two blobs. With much dirty (a build, a
     /// burst of logs) `syncfs` waits for all of it, milliseconds that have nothing to
-    /// do with these blobs: then a few blobs are synced one by one.
+    /// do with these blobs: then a few blobs are synced one by one. Of a few blobs,
+    /// those that are not files here are left alone: a store in front of this one
+    /// (the repository's small blobs) holds them, durably already.
     fn sync_blobs(&self, hashes: &[Hash]) -> Result<(), StoreError> {
-        let mut directories = BTreeSet::new();
-        for hash in hashes {
-            if let Some(directory) = self.path_of(hash).parent() {
-                directories.insert(directory.to_path_buf());
-            }
-        }
-        let flushes = (hashes.len() + directories.len()) as u64;
-        let one_by_one = hashes.len() <= SYNC_EACH_BLOB_LIMIT
-            && dirty_bytes().is_none_or(|dirty| dirty > flushes * WRITEBACK_BYTES_PER_FLUSH);
-        if !one_by_one {
+        if hashes.len() > SYNC_EACH_BLOB_LIMIT {
             return self.sync();
         }
         let io_error = |path: &Path| {
             let path = path.to_path_buf();
             move |source| StoreError::Io { path, source }
         };
+        let mut files = Vec::with_capacity(hashes.len());
         for hash in hashes {
             let path = self.path_of(hash);
-            File::open(&path)
-                .and_then(|file| file.sync_data())
-                .map_err(io_error(&path))?;
+            match File::open(&path) {
+                Ok(file) => files.push((file, path)),
+                Err(err) if err.kind() == io::ErrorKind::NotFound => {}
+                Err(err) => return Err(io_error(&path)(err)),
+            }
+        }
+        if files.is_empty() {
+            return Ok(());
+        }
+        let directories: BTreeSet<PathBuf> = files
+            .iter()
+            .filter_map(|(_, path)| path.parent().map(Path::to_path_buf))
+            .collect();
+        let flushes = (files.len() + directories.len()) as u64;
+        if dirty_bytes().is_some_and(|dirty| dirty <= flushes * WRITEBACK_BYTES_PER_FLUSH) {
+            return self.sync();
+        }
+        for (file, path) in &files {
+            file.sync_data().map_err(io_error(path))?;
         }
         // The shard directories are not among them: `finish` syncs a new one.
         for directory in &directories {
@@ -449,39 +459,40 @@ pub fn ingest_pack(
             continue;
         }
         if let Some(blobs) = inline.as_mut().filter(|_| header.len <= INLINE_BLOB_LEN) {
-            let mut stored = CappedBuffer(header.len.to_le_bytes().to_vec());
-            let mut tee = TeeBufRead {
-                inner: input,
-                copy: &mut stored,
-                error: None,
-            };
-            decode_frame(&mut tee, header.hash, header.len, &mut io::sink())?;
-            if let Some(err) = tee.error.take() {
-                return Err(StoreError::Stream(err));
-            }
+            let mut stored = CappedBuffer(Vec::new());
+            copy_stored(input, &header, &mut stored)?;
             blobs.push((header.hash, stored.0));
-            received.push(header.hash);
-            continue;
+        } else {
+            let mut writer = store.create()?;
+            copy_stored(input, &header, &mut writer)?;
+            writer.finish(&header.hash)?;
         }
-        let mut writer = store.create()?;
-        writer
-            .write_all(&header.len.to_le_bytes())
-            .map_err(StoreError::Stream)?;
-        {
-            let mut tee = TeeBufRead {
-                inner: input,
-                copy: &mut writer,
-                error: None,
-            };
-            decode_frame(&mut tee, header.hash, header.len, &mut io::sink())?;
-            if let Some(err) = tee.error.take() {
-                return Err(StoreError::Stream(err));
-            }
-        }
-        writer.finish(&header.hash)?;
         received.push(header.hash);
     }
     Ok(received)
+}
+
+/// Writes the stored form of the pack record whose header was just read (length
+/// prefix, then the zstd frame byte for byte) to `stored`, checking the frame's
+/// content against the header while it passes.
+fn copy_stored(
+    input: &mut dyn BufRead,
+    header: &PackHeader,
+    stored: &mut dyn Write,
+) -> Result<(), StoreError> {
+    stored
+        .write_all(&header.len.to_le_bytes())
+        .map_err(StoreError::Stream)?;
+    let mut tee = TeeBufRead {
+        inner: input,
+        copy: stored,
+        error: None,
+    };
+    decode_frame(&mut tee, header.hash, header.len, &mut io::sink())?;
+    match tee.error.take() {
+        Some(err) => Err(StoreError::Stream(err)),
+        None => Ok(()),
+    }
 }
 
 /// A buffer for one inline blob's stored form, refusing to grow past

@@ -55,16 +55,10 @@ impl BlobStore for RepositoryBlobs {
         self.files.sync()
     }
 
-    /// Blobs in the database are durable already (a redb commit is); the rest are
-    /// files.
+    /// Blobs in the database are durable already (a redb commit is); the file store
+    /// syncs only those it holds.
     fn sync_blobs(&self, hashes: &[Hash]) -> Result<(), StoreError> {
-        let mut files = Vec::with_capacity(hashes.len());
-        for hash in hashes {
-            if self.files.contains(hash)? {
-                files.push(*hash);
-            }
-        }
-        self.files.sync_blobs(&files)
+        self.files.sync_blobs(hashes)
     }
 }
 
@@ -113,22 +107,8 @@ impl BlobStore for WithInline<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::versions::test_info as info;
     use crate::{ingest_pack, put_bytes, read_blob, write_pack, INLINE_BLOB_LEN};
-    use vdsync_proto::wire::VersionInfo;
-
-    fn info(parent: Option<u64>, changeset: Hash) -> VersionInfo {
-        VersionInfo {
-            version: 0,
-            parent,
-            time: 1,
-            message: "m".into(),
-            files: 1,
-            dirs: 0,
-            deleted: 0,
-            bytes: 1,
-            changeset,
-        }
-    }
 
     /// A pack of `contents`, made by storing them in a scratch store.
     fn pack_of(contents: &[&[u8]]) -> Vec<u8> {

@@ -77,14 +77,7 @@ impl VersionLog {
     /// Stores the small blobs `blobs` (hash, stored form) durably, without a version.
     pub fn put_small_blobs(&self, blobs: &[(Hash, Vec<u8>)]) -> Result<(), StoreError> {
         let txn = self.db.begin_write().map_err(db_error)?;
-        {
-            let mut table = txn.open_table(SMALL_BLOBS).map_err(db_error)?;
-            for (hash, stored) in blobs {
-                table
-                    .insert(hash.0.as_slice(), stored.as_slice())
-                    .map_err(db_error)?;
-            }
-        }
+        insert_small_blobs(&txn, blobs)?;
         txn.commit().map_err(db_error)?;
         Ok(())
     }
@@ -98,14 +91,7 @@ impl VersionLog {
         blobs: &[(Hash, Vec<u8>)],
     ) -> Result<u64, StoreError> {
         let txn = self.db.begin_write().map_err(db_error)?;
-        if !blobs.is_empty() {
-            let mut table = txn.open_table(SMALL_BLOBS).map_err(db_error)?;
-            for (hash, stored) in blobs {
-                table
-                    .insert(hash.0.as_slice(), stored.as_slice())
-                    .map_err(db_error)?;
-            }
-        }
+        insert_small_blobs(&txn, blobs)?;
         let number = {
             let mut table = txn.open_table(VERSIONS).map_err(db_error)?;
             let head = table.last().map_err(db_error)?.map(|(key, _)| key.value());
@@ -165,22 +151,45 @@ impl VersionLog {
     }
 }
 
+/// Adds `blobs` (hash, stored form) to the small-blob table within `txn`.
+fn insert_small_blobs(
+    txn: &redb::WriteTransaction,
+    blobs: &[(Hash, Vec<u8>)],
+) -> Result<(), StoreError> {
+    if blobs.is_empty() {
+        return Ok(());
+    }
+    let mut table = txn.open_table(SMALL_BLOBS).map_err(db_error)?;
+    for (hash, stored) in blobs {
+        table
+            .insert(hash.0.as_slice(), stored.as_slice())
+            .map_err(db_error)?;
+    }
+    Ok(())
+}
+
+/// A version record for tests: `parent`, changeset `changeset`, the rest fixed.
+#[cfg(test)]
+pub(crate) fn test_info(parent: Option<u64>, changeset: Hash) -> VersionInfo {
+    VersionInfo {
+        version: 0,
+        parent,
+        time: 1,
+        message: "m".into(),
+        files: 1,
+        dirs: 0,
+        deleted: 0,
+        bytes: 1,
+        changeset,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     fn info(parent: Option<u64>) -> VersionInfo {
-        VersionInfo {
-            version: 0,
-            parent,
-            time: 1,
-            message: "m".into(),
-            files: 1,
-            dirs: 0,
-            deleted: 0,
-            bytes: 1,
-            changeset: Hash::of(b"c"),
-        }
+        test_info(parent, Hash::of(b"c"))
     }
 
     #[test]
