@@ -309,15 +309,7 @@ impl Applier {
             // new one), once.
             let mut bytes = encode_applied_slot(version);
             bytes.extend_from_slice(&encode_applied_slot(version));
-            let mut temporary = path.clone().into_os_string();
-            temporary.push(".tmp");
-            {
-                let mut file = File::create(&temporary)?;
-                file.write_all(&bytes)?;
-                file.sync_data()?;
-            }
-            std::fs::rename(&temporary, &path)?;
-            return vdsync_sys::fsync_dir(&self.state_dir);
+            return vdsync_sys::write_atomic(&path, &bytes);
         }
         let file = std::fs::OpenOptions::new().write(true).open(&path)?;
         let slot = (version % 2) as usize;
@@ -1199,6 +1191,17 @@ mod tests {
     use super::*;
     use vdsync_proto::fixtures::path;
 
+    /// A scratch directory holding an empty tree `root` and state directory
+    /// `state`; both go when the first value is dropped.
+    fn tree_and_state() -> (tempfile::TempDir, PathBuf, PathBuf) {
+        let temp = tempfile::tempdir().unwrap();
+        let root = temp.path().join("root");
+        let state = temp.path().join("state");
+        std::fs::create_dir_all(&root).unwrap();
+        std::fs::create_dir_all(&state).unwrap();
+        (temp, root, state)
+    }
+
     /// A journal (the commit point) for version 1 that removes `removed`.
     fn write_journal_removing(state: &Path, removed: &str) {
         let journal = Journal {
@@ -1229,9 +1232,7 @@ mod tests {
     /// failed to remove the path.
     #[test]
     fn rerun_roll_forward_does_not_collide_with_earlier_trash() {
-        let temp = tempfile::tempdir().unwrap();
-        let root = temp.path().join("root");
-        let state = temp.path().join("state");
+        let (_temp, root, state) = tree_and_state();
         std::fs::create_dir_all(root.join("keep")).unwrap();
         std::fs::write(root.join("doomed"), "old").unwrap();
         std::fs::create_dir_all(state.join("trash/1-1/from-first-run")).unwrap();
@@ -1253,11 +1254,7 @@ mod tests {
     /// rolled forward again.
     #[test]
     fn a_leftover_journal_of_an_applied_version_is_discarded() {
-        let temp = tempfile::tempdir().unwrap();
-        let root = temp.path().join("root");
-        let state = temp.path().join("state");
-        std::fs::create_dir_all(&root).unwrap();
-        std::fs::create_dir_all(&state).unwrap();
+        let (_temp, root, state) = tree_and_state();
         std::fs::write(state.join("applied"), "1\n").unwrap();
         write_journal_removing(&state, "gone");
         let applier = Applier::open(&root, &state).unwrap();
@@ -1270,10 +1267,7 @@ mod tests {
     /// commit point: nothing is rolled forward and what was staged is discarded.
     #[test]
     fn a_torn_journal_counts_as_none() {
-        let temp = tempfile::tempdir().unwrap();
-        let root = temp.path().join("root");
-        let state = temp.path().join("state");
-        std::fs::create_dir_all(&root).unwrap();
+        let (_temp, root, state) = tree_and_state();
         std::fs::create_dir_all(state.join("stage")).unwrap();
         std::fs::write(state.join("stage/e0"), "staged").unwrap();
         std::fs::write(root.join("kept"), "old").unwrap();
@@ -1323,10 +1317,7 @@ mod tests {
     fn a_small_version_is_staged_in_a_spare_file() {
         use std::os::unix::fs::MetadataExt;
         use vdsync_proto::fixtures::{dir_entry, file_entry};
-        let temp = tempfile::tempdir().unwrap();
-        let root = temp.path().join("root");
-        let state = temp.path().join("state");
-        std::fs::create_dir_all(&root).unwrap();
+        let (_temp, root, state) = tree_and_state();
         let applier = Applier::open(&root, &state).unwrap();
         applier.make_spares().unwrap();
         let stage = state.join("stage");
@@ -1367,11 +1358,7 @@ mod tests {
     /// crash leaves the other, one version older; the old one-line format reads.
     #[test]
     fn applied_survives_a_torn_slot_and_reads_the_old_format() {
-        let temp = tempfile::tempdir().unwrap();
-        let root = temp.path().join("root");
-        let state = temp.path().join("state");
-        std::fs::create_dir_all(&root).unwrap();
-        std::fs::create_dir_all(&state).unwrap();
+        let (_temp, root, state) = tree_and_state();
         let applier = Applier::open(&root, &state).unwrap();
         assert_eq!(applier.current_version().unwrap(), None);
 
