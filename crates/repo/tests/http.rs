@@ -333,8 +333,9 @@ fn pack_with_a_forged_hash_is_refused_and_not_stored() {
     );
 }
 
-#[test]
-fn long_poll_wakes_when_a_commit_lands() {
+/// A server at version 0 (the base changeset, content `v0`) that already holds
+/// the content `v1` of the next version, which is not committed.
+fn server_at_version_0_with_v1_uploaded() -> TestServer {
     let server = TestServer::start();
     assert_eq!(
         server.upload_pack(pack_record(b"v0")).status(),
@@ -348,6 +349,12 @@ fn long_poll_wakes_when_a_commit_lands() {
         server.upload_pack(pack_record(b"v1")).status(),
         StatusCode::OK
     );
+    server
+}
+
+#[test]
+fn long_poll_wakes_when_a_commit_lands() {
+    let server = server_at_version_0_with_v1_uploaded();
 
     let poll_url = server.url("/v1/head?after=0&wait_ms=30000");
     let poll_client = server.client.clone();
@@ -384,19 +391,7 @@ fn long_poll_wakes_when_a_commit_lands() {
 /// committed before the wait ends, 204.
 #[test]
 fn a_bundle_waited_for_arrives_when_its_version_is_committed() {
-    let server = TestServer::start();
-    assert_eq!(
-        server.upload_pack(pack_record(b"v0")).status(),
-        StatusCode::OK
-    );
-    assert_eq!(
-        server.commit(&base_changeset(), "base").status(),
-        StatusCode::CREATED
-    );
-    assert_eq!(
-        server.upload_pack(pack_record(b"v1")).status(),
-        StatusCode::OK
-    );
+    let server = server_at_version_0_with_v1_uploaded();
 
     let bundle_url = server.url("/v1/versions/1/bundle?max_bytes=65536&wait_ms=30000");
     let poll_client = server.client.clone();
