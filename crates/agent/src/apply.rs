@@ -1140,14 +1140,15 @@ fn clear_name(stage: BorrowedFd<'_>, name: &[u8], named: &Cell<bool>) -> io::Res
 }
 
 /// Removes everything in the staging directory `directory` (which may not exist)
-/// but the pristine spares, keeping the directory.
+/// but the spares, keeping the directory. A spare here is an empty regular file
+/// under a spare's name; whether it is still pristine is checked where it is used
+/// ([`stage_file`]).
 fn clear_stage(directory: &Path) -> Result<(), ApplyError> {
     let listing = match std::fs::read_dir(directory) {
         Ok(listing) => listing,
         Err(err) if err.kind() == io::ErrorKind::NotFound => return Ok(()),
         Err(err) => return Err(io_at(directory, "list")(err)),
     };
-    let stage = File::open(directory).map_err(io_at(directory, "open"))?;
     let spares: Vec<Vec<u8>> = (0..SPARE_FILES).map(stage_name).collect();
     for item in listing {
         let item = item.map_err(io_at(directory, "list"))?;
@@ -1155,9 +1156,9 @@ fn clear_stage(directory: &Path) -> Result<(), ApplyError> {
         if spares
             .iter()
             .any(|spare| spare.as_slice() == name.as_bytes())
-            && vdsync_sys::open_pristine_file_at(stage.as_fd(), name.as_bytes())
-                .map_err(io_at(item.path(), "open"))?
-                .is_some()
+            && item
+                .metadata()
+                .is_ok_and(|meta| meta.is_file() && meta.len() == 0)
         {
             continue;
         }
