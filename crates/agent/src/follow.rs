@@ -167,7 +167,6 @@ pub fn follow(client: &Client, options: &FollowOptions<'_>) -> Result<FollowSumm
                 std::thread::sleep(options.retry_after);
             }
         }
-        summary.version = current;
     }
 }
 
