@@ -66,8 +66,9 @@ const ONE_CHANGE_TREE: SmallFileTree = SmallFileTree {
 };
 /// (directory, file) of the file every repetition rewrites, in the middle of the tree.
 const CHANGED_FILE: (usize, usize) = (500, 50);
-/// How often the agent's copy of the changed file is read; bounds the resolution.
-const APPLY_POLL_INTERVAL: Duration = Duration::from_millis(1);
+/// The longest wait for an event (the agent renaming a file into the changed file's
+/// directory, the push exiting) before the other processes are checked on.
+const APPLY_CHECK_INTERVAL: Duration = Duration::from_millis(100);
 /// A push plus apply of one file that takes longer than this has hung.
 const APPLY_TIMEOUT: Duration = Duration::from_secs(60);
 /// The agent's first version holds the whole tree: 100,000 files written and synced.
@@ -177,12 +178,11 @@ pub fn one_change(repetitions: usize) -> Result<()> {
         SmallFileTree::file_path(&paths.development_tree, directory_index, file_index);
     let changed_on_agent = SmallFileTree::file_path(&paths.agent_root, directory_index, file_index);
     narrate(format_args!(
-        "each run: rewrite {}, `sync`, time `vdsync push` until the agent's copy reads back the new content (polled every {} ms), `sync`, time `rsync -a dev/ rsync-copy/`",
+        "each run: rewrite {}, `sync`, time `vdsync push` until the agent's copy reads back the new content (read again on every inotify event in its directory), `sync`, time `rsync -a dev/ rsync-copy/`",
         changed_in_development
             .strip_prefix(&paths.development_tree)
             .unwrap_or(&changed_in_development)
             .display(),
-        APPLY_POLL_INTERVAL.as_millis()
     ));
     let mut random = Xorshift64::seeded(7);
     let mut runs = Vec::new();
@@ -406,8 +406,7 @@ fn print_one_change_summary(runs: &[OneChangeRun]) -> Result<()> {
         "  {journal_runs} of {repetitions} pushes read the journal only (the others scanned the whole tree)"
     );
     println!(
-        "  resolution: the agent's file is read every {} ms, so the vdsync figure can be up to about 1 ms late",
-        APPLY_POLL_INTERVAL.as_millis()
+        "  resolution: the agent's file is read on each inotify event in its directory and the push's exit is seen through a pidfd, so neither waits on a polling interval"
     );
     Ok(())
 }
@@ -433,9 +432,11 @@ fn rsync(source: &Path, copy: &Path) -> Result<()> {
     .map(drop)
 }
 
-/// Starts `push` and reads `watched_file` every [`APPLY_POLL_INTERVAL`] until it holds
-/// `expected`. The push's output goes to `output_prefix`.out/.err, files made before
-/// the clock starts, so no pipe can fill up and stall it.
+/// Starts `push` and reads `watched_file` until it holds `expected`: once before the
+/// start and again on every inotify event in its directory (the agent renames the
+/// staged file into it) and on the push's exit (a pidfd), so the figures are not
+/// rounded up to a polling interval. The push's output goes to `output_prefix`.out/.err,
+/// files made before the clock starts, so no pipe can fill up and stall it.
 fn push_until_applied(
     push: &mut Command,
     watched_file: &Path,
@@ -443,6 +444,9 @@ fn push_until_applied(
     output_prefix: &Path,
     processes: &mut BackgroundProcesses,
 ) -> Result<PushUntilApplied> {
+    use rustix::event::{poll, PollFd, PollFlags};
+    use rustix::fs::inotify;
+
     let description = describe_command(push);
     let standard_output_path = output_prefix.with_extension("out");
     let standard_error_path = output_prefix.with_extension("err");
@@ -452,13 +456,32 @@ fn push_until_applied(
     push.stdin(Stdio::null())
         .stdout(create(&standard_output_path)?)
         .stderr(create(&standard_error_path)?);
+    let directory = watched_file
+        .parent()
+        .context("the watched file has no directory")?;
+    let watch = inotify::init(inotify::CreateFlags::CLOEXEC | inotify::CreateFlags::NONBLOCK)
+        .context("cannot create an inotify instance")?;
+    inotify::add_watch(
+        &watch,
+        directory,
+        inotify::WatchFlags::MOVED_TO
+            | inotify::WatchFlags::CREATE
+            | inotify::WatchFlags::CLOSE_WRITE,
+    )
+    .with_context(|| format!("cannot watch {}", directory.display()))?;
 
     let started = Instant::now();
     // A process group of its own, killed on drop: a push left behind by a failed
     // wait must not keep running.
     let mut push_process = GroupChild::spawn(push);
+    let exit_watch = rustix::process::Pid::from_raw(push_process.pid() as i32)
+        .context("the push has no process id")
+        .and_then(|pid| {
+            rustix::process::pidfd_open(pid, rustix::process::PidfdFlags::empty())
+                .context("cannot open a pidfd for the push")
+        })?;
     let mut push_exited = None;
-    let mut polls = 0u64;
+    let mut events = [0u8; 4096];
     let applied = loop {
         if std::fs::read(watched_file).is_ok_and(|content| content == expected) {
             break started.elapsed();
@@ -478,11 +501,6 @@ fn push_until_applied(
                 }
             }
         }
-        polls += 1;
-        // The agent or the repository dying would make this wait until the timeout.
-        if polls.is_multiple_of(100) {
-            processes.check_all_running()?;
-        }
         if started.elapsed() > APPLY_TIMEOUT {
             bail!(
                 "the agent's root did not show the change within {} s of starting the push (the push {}); the logs:\n{}",
@@ -491,7 +509,24 @@ fn push_until_applied(
                 processes.all_log_tails()
             );
         }
-        std::thread::sleep(APPLY_POLL_INTERVAL);
+        let timeout = rustix::event::Timespec::try_from(APPLY_CHECK_INTERVAL)
+            .context("the check interval does not fit a timespec")?;
+        let mut wanted = vec![PollFd::new(&watch, PollFlags::IN)];
+        if push_exited.is_none() {
+            wanted.push(PollFd::new(&exit_watch, PollFlags::IN));
+        }
+        let woken = match poll(&mut wanted, Some(&timeout)) {
+            Ok(woken) => woken,
+            Err(rustix::io::Errno::INTR) => continue,
+            Err(err) => return Err(err).context("cannot wait for the agent or the push"),
+        };
+        if woken == 0 {
+            // Nothing happened for a while: the agent or the repository dying
+            // would make this wait until the timeout.
+            processes.check_all_running()?;
+        }
+        // The events only wake this loop; the file is read again either way.
+        while rustix::io::read(&watch, &mut events).is_ok_and(|read| read > 0) {}
     };
     let status = push_process
         .child
