@@ -341,7 +341,19 @@ impl Applier {
     /// syncs their names. Off the path of a version: the agent calls it once a
     /// version is applied and reported, so that the next one-file version creates
     /// no file and syncs no directory while it stages.
+    ///
+    /// A staging directory grown past [`STAGE_DIR_REPLACE_BYTES`] by a large version
+    /// is replaced by a new one first: ext4 never shrinks a directory, and every
+    /// version lists this one (after a first version of 100,000 files, a listing
+    /// read 2 MiB of directory blocks for eight names). Nothing in it is needed
+    /// then: no journal names it between versions.
     pub fn make_spares(&self) -> Result<(), ApplyError> {
+        let stage = self.stage_dir();
+        if std::fs::symlink_metadata(&stage)
+            .is_ok_and(|meta| meta.is_dir() && meta.len() > STAGE_DIR_REPLACE_BYTES)
+        {
+            std::fs::remove_dir_all(&stage).map_err(io_at(&stage, "remove"))?;
+        }
         let stage = self.make_stage_dir()?;
         let stage_dir = File::open(&stage).map_err(io_at(&stage, "open"))?;
         let mut made = false;
@@ -1120,6 +1132,10 @@ fn finish_file(file: &File, meta: &Metadata) -> io::Result<()> {
 /// directory, only of each file.
 const SPARE_FILES: usize = 8;
 
+/// A staging directory larger than this (on ext4, one that once held some
+/// thousands of names) is replaced between versions; see [`Applier::make_spares`].
+const STAGE_DIR_REPLACE_BYTES: u64 = 64 * 1024;
+
 /// Opens staging name `name` in `stage` for writing: the spare there if it is
 /// still pristine, else a new file (replacing whatever was there). `named` is set
 /// when a name was created.
@@ -1353,6 +1369,84 @@ mod tests {
             .unwrap();
         assert_eq!(std::fs::read(root.join("d/f")).unwrap(), b"second");
         assert_eq!(applier.current_version().unwrap(), Some(1));
+    }
+
+    /// A staging directory grown large by a many-file version is replaced by a new
+    /// one between versions (so the next version does not list its old blocks); a
+    /// small one is kept.
+    #[test]
+    fn a_staging_directory_grown_large_is_replaced_between_versions() {
+        use std::os::unix::fs::MetadataExt;
+        use vdsync_proto::fixtures::{dir_entry, file_entry};
+        let (_temp, root, state) = tree_and_state();
+        let applier = Applier::open(&root, &state).unwrap();
+        applier.make_spares().unwrap();
+        let stage = state.join("stage");
+        let inode = |path: &Path| std::fs::metadata(path).unwrap().ino();
+        let small_stage = inode(&stage);
+
+        let one = Changeset {
+            parent: None,
+            removed: vec![],
+            entries: vec![dir_entry("d"), file_entry("d/f", b"one")],
+        };
+        applier.apply(0, &one, &Contents::of(&[b"one"])).unwrap();
+        applier.make_spares().unwrap();
+        assert_eq!(
+            inode(&stage),
+            small_stage,
+            "a small staging directory was replaced"
+        );
+
+        // Names long enough that a few thousand of them fill well over the limit
+        // on any file system that keeps a directory's size.
+        let contents: Vec<Vec<u8>> = (0..3000)
+            .map(|i| format!("file {i}").into_bytes())
+            .collect();
+        let mut entries = vec![dir_entry("d")];
+        entries.extend(
+            (0..contents.len())
+                .map(|i| file_entry(&format!("d/a-rather-long-file-name-{i:05}"), &contents[i])),
+        );
+        let many = Changeset {
+            parent: Some(0),
+            removed: vec![],
+            entries,
+        };
+        let slices: Vec<&[u8]> = contents.iter().map(Vec::as_slice).collect();
+        applier.apply(1, &many, &Contents::of(&slices)).unwrap();
+        let grown = std::fs::metadata(&stage).unwrap().len();
+        assert!(
+            grown > STAGE_DIR_REPLACE_BYTES,
+            "staging 3000 files left the directory at {grown} bytes: the test needs a file system that keeps a directory's size (ext4), not this one"
+        );
+        applier.make_spares().unwrap();
+        assert_ne!(
+            inode(&stage),
+            small_stage,
+            "the grown staging directory was kept"
+        );
+        assert!(std::fs::metadata(&stage).unwrap().len() <= STAGE_DIR_REPLACE_BYTES);
+        for index in 0..SPARE_FILES {
+            let spare = stage.join(String::from_utf8(stage_name(index)).unwrap());
+            assert_eq!(
+                std::fs::metadata(&spare).unwrap().len(),
+                0,
+                "{} is missing or not empty",
+                spare.display()
+            );
+        }
+
+        let three = Changeset {
+            parent: Some(1),
+            removed: vec![],
+            entries: vec![dir_entry("d"), file_entry("d/f", b"three")],
+        };
+        applier
+            .apply(2, &three, &Contents::of(&[b"three"]))
+            .unwrap();
+        assert_eq!(std::fs::read(root.join("d/f")).unwrap(), b"three");
+        assert_eq!(applier.current_version().unwrap(), Some(2));
     }
 
     /// Versions alternate between the two slots of `applied`; a slot torn by a
