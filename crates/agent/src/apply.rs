@@ -511,6 +511,7 @@ impl Applier {
         })?;
         self.write_journal(&encode_journal(&bytes))
             .map_err(io_at(self.journal_path(), "write"))?;
+        tracing::debug!(version = journal.version, "journalled");
         let mut applied = self.roll_forward(&journal, Run::First)?;
         applied.duration_ms = prepared.started.elapsed().as_millis() as u64;
         Ok(applied)
@@ -887,6 +888,7 @@ impl Applier {
                 Err(err) => return Err(tree_io(path, "rename into place")(err)),
             }
         }
+        tracing::debug!(version = journal.version, "placed");
 
         // Directory times last: placing children changes them.
         for item in changeset.entries.iter().rev() {

@@ -71,20 +71,40 @@ pub(crate) async fn ingest_and_commit(
     repo: Arc<Repository>,
     body: Body,
 ) -> Result<VersionInfo, RepoError> {
+    let known_length = axum::body::HttpBody::size_hint(&body).exact();
+    if let Some(length) = known_length.filter(|length| *length <= WHOLE_BODY_BYTES) {
+        let bytes = axum::body::to_bytes(body, length as usize)
+            .await
+            .map_err(|err| RepoError::InvalidRequest(format!("the request body: {err}")))?;
+        return run_blocking(&repo, move |repo| commit_from(repo, &mut &bytes[..])).await;
+    }
     let byte_stream = body.into_data_stream().map_err(io::Error::other);
     let blocking_reader = SyncIoBridge::new(StreamReader::new(byte_stream));
     run_blocking(&repo, move |repo| {
-        let mut reader = BufReader::with_capacity(CHUNK_LEN, blocking_reader);
-        let request = read_commit_prefix(&mut reader)?;
-        let mut inline = Vec::new();
-        store_pack(repo, &mut reader, Some(&mut inline))?;
-        repo.commit_with_inline(&request, &inline).inspect_err(|_| {
-            if let Err(err) = repo.store_inline(&inline) {
-                warn!("cannot store the small blobs of a refused commit: {err}");
-            }
-        })
+        commit_from(
+            repo,
+            &mut BufReader::with_capacity(CHUNK_LEN, blocking_reader),
+        )
     })
     .await
+}
+
+/// A commit body of known length up to this is read whole before the blocking work
+/// starts, so that work does not wait on the connection read by read (each read a
+/// hand-over between threads). Larger bodies stream, so memory stays bounded.
+const WHOLE_BODY_BYTES: u64 = 1024 * 1024;
+
+/// The blocking half of [`ingest_and_commit`]: the commit request, the pack, then
+/// the version.
+fn commit_from(repo: &Repository, reader: &mut dyn io::BufRead) -> Result<VersionInfo, RepoError> {
+    let request = read_commit_prefix(reader)?;
+    let mut inline = Vec::new();
+    store_pack(repo, reader, Some(&mut inline))?;
+    repo.commit_with_inline(&request, &inline).inspect_err(|_| {
+        if let Err(err) = repo.store_inline(&inline) {
+            warn!("cannot store the small blobs of a refused commit: {err}");
+        }
+    })
 }
 
 /// Reads the length-prefixed commit request at the start of a commit-with-pack body.
