@@ -555,3 +555,120 @@ fn where_fanotify_is_refused_the_tracker_falls_back_to_inotify_and_loses_nothing
     assert_eq!(pushed["source"]["mode"], "journal", "{pushed}");
     lab.agent_matches_dev();
 }
+
+/// A file rewritten over and over while it is pushed: every push that succeeds sent
+/// a state the file was in at one instant, and every push that fails says the file
+/// kept changing. Each rewrite fills the file with one byte value, one chunk at a
+/// time: the last chunk first, then the others from the start. So the file is only
+/// ever all one value, or the new value in its last chunk and in a run of chunks
+/// from the start with the old value between; a read that straddled writes can
+/// show what it never held (the new value in a middle chunk with the old one before
+/// it). Once the writer stops, a push sends the last state. The upload is small
+/// enough to leave as one buffered body.
+#[test]
+fn a_file_rewritten_while_it_is_pushed_is_sent_as_it_was_at_one_instant() {
+    use std::os::unix::fs::FileExt;
+    use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+    use std::sync::Arc;
+
+    const CHUNK: usize = 16 * 1024;
+    const CHUNKS: usize = 12;
+    let lab = Lab::new(Watcher::Fanotify, |dev| {
+        std::fs::write(dev.join("data.bin"), vec![0u8; CHUNK * CHUNKS]).unwrap();
+    });
+    let next = |value: u8| value % 250 + 1;
+    let stop = Arc::new(AtomicBool::new(false));
+    let last_value = Arc::new(AtomicU8::new(0));
+    let writer = {
+        let (stop, last_value) = (stop.clone(), last_value.clone());
+        let path = lab.dev.join("data.bin");
+        std::thread::spawn(move || {
+            let file = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+            let mut value = 0u8;
+            while !stop.load(Ordering::Relaxed) {
+                value = next(value);
+                let order = std::iter::once(CHUNKS - 1).chain(0..CHUNKS - 1);
+                for chunk in order {
+                    file.write_all_at(&[value; CHUNK], (chunk * CHUNK) as u64)
+                        .unwrap();
+                    // Spread over some milliseconds, so a push can read mid-rewrite.
+                    std::thread::sleep(Duration::from_micros(300));
+                }
+                last_value.store(value, Ordering::Relaxed);
+                std::thread::sleep(Duration::from_millis(15));
+            }
+        })
+    };
+    // Whether `content` is a state the writer ever left the file in.
+    let held_at_one_instant = |content: &[u8]| -> bool {
+        let chunks: Vec<&[u8]> = content.chunks(CHUNK).collect();
+        if chunks.len() != CHUNKS || chunks.iter().any(|c| c.iter().any(|b| *b != c[0])) {
+            return false;
+        }
+        let values: Vec<u8> = chunks.iter().map(|c| c[0]).collect();
+        let new = values[CHUNKS - 1];
+        if values.iter().all(|value| *value == new) {
+            return true;
+        }
+        let from_start = values[..CHUNKS - 1]
+            .iter()
+            .take_while(|v| **v == new)
+            .count();
+        let old = values[from_start];
+        next(old) == new && values[from_start..CHUNKS - 1].iter().all(|v| *v == old)
+    };
+
+    let root = lab.dir.join("agent-root");
+    std::fs::create_dir_all(&root).unwrap();
+    let catch_up_agent = || {
+        lab.vdsync.ok([
+            "agent".as_ref(),
+            "--once".as_ref(),
+            "--root".as_ref(),
+            root.as_os_str(),
+            "--state".as_ref(),
+            lab.dir.join("agent-state").as_os_str(),
+            "--repo".as_ref(),
+            lab.repo.url.as_ref(),
+            "--name".as_ref(),
+            "agent".as_ref(),
+        ]);
+    };
+    let (mut succeeded, mut refused) = (0, 0);
+    for attempt in 0..12 {
+        let output = lab.push_command().output().unwrap();
+        if output.status.success() {
+            succeeded += 1;
+            catch_up_agent();
+            let sent = std::fs::read(root.join("data.bin")).unwrap();
+            assert!(
+                held_at_one_instant(&sent),
+                "attempt {attempt}: the pushed file was never in this state (chunk values {:?}); the push said {}",
+                sent.chunks(CHUNK).map(|c| c[0]).collect::<Vec<_>>(),
+                String::from_utf8_lossy(&output.stdout),
+            );
+        } else {
+            refused += 1;
+            let said = String::from_utf8_lossy(&output.stderr);
+            assert!(
+                said.contains("kept changing") || said.contains("changed while it was uploaded"),
+                "attempt {attempt}: the push failed for another reason: {said}"
+            );
+        }
+    }
+    stop.store(true, Ordering::Relaxed);
+    writer.join().unwrap();
+    assert!(
+        succeeded > 0,
+        "no push went through while the file was rewritten ({refused} said it kept changing)"
+    );
+
+    lab.push();
+    catch_up_agent();
+    let last = last_value.load(Ordering::Relaxed);
+    assert_eq!(
+        std::fs::read(root.join("data.bin")).unwrap(),
+        vec![last; CHUNK * CHUNKS],
+        "the push after the writer stopped did not send its last rewrite"
+    );
+}
