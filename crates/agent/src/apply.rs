@@ -133,6 +133,9 @@ pub struct Applier {
     /// system (renames must not cross file systems), else a hidden directory at
     /// the top of the tree.
     work_dir: PathBuf,
+    /// `STATE/lock`, held locked (flock) while this applier lives, so that no second
+    /// agent applies to the same tree meanwhile. None when read-only.
+    _lock: Option<File>,
 }
 
 fn io_at(
@@ -241,11 +244,24 @@ impl Applier {
             root: RootDir::open(root).map_err(io_at(root, "open"))?,
             state_dir: state_dir.to_path_buf(),
             work_dir: state_dir.to_path_buf(),
+            _lock: None,
         })
     }
 
+    /// Opens `root` for applying, with `state_dir` (made if need be) for the
+    /// applier's records. Fails if another applier holds `state_dir`.
     pub fn open(root: &Path, state_dir: &Path) -> Result<Applier, ApplyError> {
         std::fs::create_dir_all(state_dir).map_err(io_at(state_dir, "create"))?;
+        let lock_path = state_dir.join("lock");
+        let lock = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&lock_path)
+            .map_err(io_at(&lock_path, "open"))?;
+        if rustix::fs::flock(&lock, rustix::fs::FlockOperation::NonBlockingLockExclusive).is_err() {
+            return Err(ApplyError::AlreadyRunning(state_dir.to_path_buf()));
+        }
         let root_dir = RootDir::open(root).map_err(io_at(root, "open"))?;
         let same_fs = vdsync_sys::device_of(root).map_err(io_at(root, "stat"))?
             == vdsync_sys::device_of(state_dir).map_err(io_at(state_dir, "stat"))?;
@@ -258,6 +274,7 @@ impl Applier {
             root: root_dir,
             state_dir: state_dir.to_path_buf(),
             work_dir,
+            _lock: Some(lock),
         })
     }
 
@@ -1373,14 +1390,15 @@ mod tests {
         assert_eq!(applier.current_version().unwrap(), Some(1));
     }
 
-    /// A staging directory grown large by a many-file version is replaced by a new
-    /// one between versions (so the next version does not list its old blocks); a
-    /// small one is kept.
+    /// A staging directory grown large (by a many-file version; here by long names
+    /// linked to one file, so no inodes are taken from the tests running beside
+    /// this one) is replaced by a new one between versions, so the next version does
+    /// not list its old blocks; a small one is kept.
     #[test]
     fn a_staging_directory_grown_large_is_replaced_between_versions() {
         use std::os::unix::fs::MetadataExt;
         use vdsync_proto::fixtures::{dir_entry, file_entry};
-        let (_temp, root, state) = tree_and_state();
+        let (temp, root, state) = tree_and_state();
         let applier = Applier::open(&root, &state).unwrap();
         applier.make_spares().unwrap();
         let stage = state.join("stage");
@@ -1400,27 +1418,21 @@ mod tests {
             "a small staging directory was replaced"
         );
 
-        // Names long enough that a few thousand of them fill well over the limit
-        // on any file system that keeps a directory's size.
-        let contents: Vec<Vec<u8>> = (0..3000)
-            .map(|i| format!("file {i}").into_bytes())
-            .collect();
-        let mut entries = vec![dir_entry("d")];
-        entries.extend(
-            (0..contents.len())
-                .map(|i| file_entry(&format!("d/a-rather-long-file-name-{i:05}"), &contents[i])),
-        );
-        let many = Changeset {
-            parent: Some(0),
-            removed: vec![],
-            entries,
-        };
-        let slices: Vec<&[u8]> = contents.iter().map(Vec::as_slice).collect();
-        applier.apply(1, &many, &Contents::of(&slices)).unwrap();
+        // What a version of some thousands of files leaves: a directory whose
+        // blocks stay allocated once its names are gone.
+        let linked = temp.path().join("linked");
+        std::fs::write(&linked, b"").unwrap();
+        for index in 0..400 {
+            let name = format!("{index:0>250}");
+            std::fs::hard_link(&linked, stage.join(&name)).unwrap();
+        }
+        for index in 0..400 {
+            std::fs::remove_file(stage.join(format!("{index:0>250}"))).unwrap();
+        }
         let grown = std::fs::metadata(&stage).unwrap().len();
         assert!(
             grown > STAGE_DIR_REPLACE_BYTES,
-            "staging 3000 files left the directory at {grown} bytes: the test needs a file system that keeps a directory's size (ext4), not this one"
+            "400 long names left the staging directory at {grown} bytes: the test needs a file system that keeps a directory's size (ext4), not this one"
         );
         applier.make_spares().unwrap();
         assert_ne!(
@@ -1439,16 +1451,31 @@ mod tests {
             );
         }
 
-        let three = Changeset {
-            parent: Some(1),
+        let two = Changeset {
+            parent: Some(0),
             removed: vec![],
-            entries: vec![dir_entry("d"), file_entry("d/f", b"three")],
+            entries: vec![dir_entry("d"), file_entry("d/f", b"two")],
         };
-        applier
-            .apply(2, &three, &Contents::of(&[b"three"]))
-            .unwrap();
-        assert_eq!(std::fs::read(root.join("d/f")).unwrap(), b"three");
-        assert_eq!(applier.current_version().unwrap(), Some(2));
+        applier.apply(1, &two, &Contents::of(&[b"two"])).unwrap();
+        assert_eq!(std::fs::read(root.join("d/f")).unwrap(), b"two");
+        assert_eq!(applier.current_version().unwrap(), Some(1));
+    }
+
+    /// One tree, one applier: a second one on the same state directory is refused
+    /// while the first lives (two agents would undo each other's versions and stop
+    /// each other's processes), and accepted once it is gone.
+    #[test]
+    fn a_second_applier_on_the_same_state_directory_is_refused() {
+        let (_temp, root, state) = tree_and_state();
+        let first = Applier::open(&root, &state).unwrap();
+        assert!(matches!(
+            Applier::open(&root, &state),
+            Err(ApplyError::AlreadyRunning(_))
+        ));
+        // Reading the tree's version needs no lock.
+        Applier::open_read_only(&root, &state).unwrap();
+        drop(first);
+        Applier::open(&root, &state).unwrap();
     }
 
     /// Versions alternate between the two slots of `applied`; a slot torn by a

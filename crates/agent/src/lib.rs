@@ -38,6 +38,8 @@ pub enum ApplyError {
     Stage(#[source] std::io::Error),
     #[error("state file {path} is unreadable: {message}")]
     CorruptState { path: PathBuf, message: String },
+    #[error("another agent already uses the state directory {0}; two agents applying versions to one tree would undo each other's work (stop the other one first)")]
+    AlreadyRunning(PathBuf),
     #[error("version {version} is not a valid changeset")]
     InvalidChangeset {
         version: u64,
