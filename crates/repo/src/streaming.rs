@@ -5,7 +5,8 @@
 //! moves bytes as async streams. Uploads go body stream → `StreamReader` →
 //! `SyncIoBridge` → `BufReader` → `ingest_pack`; downloads go `write_pack` →
 //! `ChannelWriter` → bounded channel → body stream. Neither side ever holds more than
-//! a few chunks, whatever the size of the blobs.
+//! a few chunks, whatever the size of the blobs. The one exception is bounded too: a
+//! commit body of known length up to 1 MiB (a small push's) is read whole first.
 
 use std::io::{self, BufReader, Read, Write};
 use std::sync::Arc;
