@@ -38,6 +38,15 @@ pub struct FollowOptions<'a> {
     pub processes: ProcessOptions,
     /// The open log, when the agent runs one (it needs CAP_SYS_ADMIN).
     pub open_log: Option<&'a OpenLog>,
+    /// Held while a version is recovered, applied and reported, and its processes
+    /// started again: whoever takes it knows no version is half done. The agent's
+    /// signal handler takes it before exiting.
+    pub busy: Option<&'a std::sync::Mutex<()>>,
+}
+
+/// Holds `busy`, if there is one, until dropped.
+fn hold(busy: Option<&std::sync::Mutex<()>>) -> Option<std::sync::MutexGuard<'_, ()>> {
+    busy.map(|busy| busy.lock().unwrap_or_else(|poisoned| poisoned.into_inner()))
 }
 
 #[derive(Debug, Default)]
@@ -66,6 +75,7 @@ fn outcome_of(applied: &Applied) -> Outcome {
 }
 
 pub fn follow(client: &Client, options: &FollowOptions<'_>) -> Result<FollowSummary, ApplyError> {
+    let recovering = hold(options.busy);
     let applier = Applier::open(options.root, options.state_dir)?;
     let processes = Processes::new(options.state_dir, options.processes, options.open_log);
     let mut summary = FollowSummary::default();
@@ -95,6 +105,7 @@ pub fn follow(client: &Client, options: &FollowOptions<'_>) -> Result<FollowSumm
         // what changed since.
         log.processes(&HashSet::new(), &HashSet::new(), true);
     }
+    drop(recovering);
     let mut current = applier.current_version()?;
     make_spares(&applier);
     client.hello(options.name, &Hello { version: current })?;
@@ -123,6 +134,7 @@ pub fn follow(client: &Client, options: &FollowOptions<'_>) -> Result<FollowSumm
                 }
             }
         };
+        let applying = hold(options.busy);
         match bundle.and_then(|bundle| {
             apply_one(
                 client, &applier, &processes, options, version, current, bundle,
@@ -164,6 +176,8 @@ pub fn follow(client: &Client, options: &FollowOptions<'_>) -> Result<FollowSumm
                 if options.once {
                     return Err(err);
                 }
+                // A stop need not wait out the pause.
+                drop(applying);
                 std::thread::sleep(options.retry_after);
             }
         }

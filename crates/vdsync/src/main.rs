@@ -173,7 +173,12 @@ it again afterwards exactly as it was (argv, environment, cwd, ids, groups, root
 limits, stdio), detached. A process that only opened a file before (seen by the agent's open \
 log since it started) gets SIGHUP and must re-open it within --reload-window, else it is \
 restarted. Interactive processes, init and the agent itself are never touched. \
-`--once --plan` shows the decisions without acting; --rules overrides them per glob.")]
+`--once --plan` shows the decisions without acting; --rules overrides them per glob.
+
+Stopping: SIGTERM or SIGINT stops a following agent between versions (the version in progress \
+is placed and reported and its processes started again first), with status 0; a second signal \
+stops it at once, and its next start finishes the interrupted version. One agent per --state \
+directory: a second one is refused.")]
 struct AgentArgs {
     /// The tree this machine runs from (`/` in production)
     #[arg(long, value_name = "DIR")]
@@ -527,6 +532,44 @@ fn stop_on_signals(stop: Arc<std::sync::atomic::AtomicBool>) -> Result<()> {
     Ok(())
 }
 
+/// On SIGINT or SIGTERM, waits for the version in progress (if any) to be applied,
+/// reported and its processes started again, then exits 0. A second signal exits
+/// at once (status 1): the next start finishes an interrupted version.
+fn stop_between_versions(busy: &'static std::sync::Mutex<()>) -> Result<()> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the signal handler")?;
+    std::thread::spawn(move || {
+        runtime.block_on(async {
+            use tokio::signal::unix::{signal, SignalKind};
+            let (Ok(mut interrupt), Ok(mut terminate)) = (
+                signal(SignalKind::interrupt()),
+                signal(SignalKind::terminate()),
+            ) else {
+                return;
+            };
+            tokio::select! {
+                _ = interrupt.recv() => {}
+                _ = terminate.recv() => {}
+            }
+            tracing::info!("stopping once the version in progress, if any, is done");
+            std::thread::spawn(move || {
+                let _idle = busy.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+                tracing::info!("stopped between versions");
+                std::process::exit(0);
+            });
+            tokio::select! {
+                _ = interrupt.recv() => {}
+                _ = terminate.recv() => {}
+            }
+            eprintln!("vdsync: stopping now, inside a version; the next start finishes it");
+            std::process::exit(1);
+        });
+    });
+    Ok(())
+}
+
 fn status(args: StatusArgs) -> Result<()> {
     if !args.root.is_dir() {
         bail!("--root {} is not a directory", args.root.display());
@@ -579,6 +622,15 @@ fn agent(args: AgentArgs) -> Result<()> {
             None
         }
     };
+    // A signal stops the agent between versions, never inside one: processes it
+    // stopped for a version are started again first. (Dying mid-version would be
+    // safe for the tree, which the next start rolls forward, but those processes
+    // would stay stopped until then; and as PID 1 of a container the agent gets no
+    // default action for SIGTERM at all.)
+    let busy: &'static std::sync::Mutex<()> = Box::leak(Box::new(std::sync::Mutex::new(())));
+    if !args.once {
+        stop_between_versions(busy)?;
+    }
     let summary = vdsync_agent::follow(
         &client,
         &vdsync_agent::FollowOptions {
@@ -596,6 +648,7 @@ fn agent(args: AgentArgs) -> Result<()> {
                 ..Default::default()
             },
             open_log: open_log.as_ref(),
+            busy: Some(busy),
         },
     )?;
     for applied in &summary.applied {

@@ -465,6 +465,83 @@ fn a_long_running_agent_applies_a_push_without_polling_delay() {
     });
 }
 
+/// SIGTERM stops a following agent between versions with status 0, also when it
+/// is PID 1 of a PID namespace of its own (as in a container), where SIGTERM has no
+/// default action; a second agent on the same state directory is refused meanwhile.
+#[test]
+fn a_following_agent_stops_on_sigterm_even_as_pid_one() {
+    let lab = Lab::new(|dev| write(&dev.join("page.html"), "v0"));
+    let root = lab.root_of("follower");
+    let mut args = lab.agent_args("follower");
+    args.retain(|arg| arg != "--once");
+    for as_pid_one in [false, true] {
+        let mut command = if as_pid_one {
+            let mut command = Command::new("unshare");
+            command
+                .args(["--pid", "--fork", "--mount-proc"])
+                .arg(&lab.vdsync.binary)
+                .args(&args);
+            command
+        } else {
+            lab.vdsync.command(&args)
+        };
+        let log = lab.dir.join(format!("follower-{as_pid_one}.log"));
+        command
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap());
+        let mut agent = GroupChild::spawn(&mut command);
+        wait_until(Duration::from_secs(30), "the follower to say hello", || {
+            std::fs::read_to_string(root.join("page.html")).is_ok_and(|c| c == "v0")
+                && lab
+                    .vdsync
+                    .ok(["fleet", "--json", "--repo", &lab.repo.url])
+                    .contains("\"follower\"")
+        });
+        let second = lab.vdsync.output(&args);
+        assert!(!second.status.success());
+        assert!(
+            String::from_utf8_lossy(&second.stderr).contains("another agent already uses"),
+            "{}",
+            String::from_utf8_lossy(&second.stderr)
+        );
+
+        // The agent's own pid: the child unshare forked, or the process itself.
+        let pid = if as_pid_one {
+            let children = format!("/proc/{0}/task/{0}/children", agent.pid());
+            let listed = std::fs::read_to_string(&children).unwrap();
+            listed
+                .split_whitespace()
+                .next()
+                .unwrap()
+                .parse::<i32>()
+                .unwrap()
+        } else {
+            agent.pid() as i32
+        };
+        rustix::process::kill_process(
+            rustix::process::Pid::from_raw(pid).unwrap(),
+            rustix::process::Signal::TERM,
+        )
+        .unwrap();
+        let mut status = None;
+        wait_until(
+            Duration::from_secs(10),
+            "the agent to exit after SIGTERM",
+            || {
+                status = agent.child.try_wait().unwrap();
+                status.is_some()
+            },
+        );
+        let said = std::fs::read_to_string(&log).unwrap();
+        assert!(
+            status.unwrap().success(),
+            "as pid 1: {as_pid_one}: {:?}; it said {said}",
+            status
+        );
+        assert!(said.contains("stopped between versions"), "{said}");
+    }
+}
+
 #[test]
 fn a_symlink_planted_on_the_machine_cannot_redirect_a_write_outside_the_root() {
     let lab = Lab::new(|dev| {
