@@ -302,13 +302,9 @@ fn set_up_one_change(
         "vdsync agent --root agent-root/ (long-running, following the head) in a PID namespace of its own, as on a machine of its own: the benchmark's own processes (push, sync, rsync) are not among those it plans for; waiting for version 0 (at most {} s)",
         INITIAL_APPLY_TIMEOUT.as_secs()
     ));
-    let mut agent_command = Command::new("unshare");
+    let mut agent_command =
+        vdsync.command_in_own_pid_namespace(["agent", "--name", AGENT_NAME, "--repo"]);
     agent_command
-        .args(["--pid", "--fork", "--mount-proc"])
-        .arg(&vdsync.binary)
-        .args(["agent", "--name", AGENT_NAME, "--repo"])
-        .env("VDSYNC_LOG", "info")
-        .env_remove("VDSYNC_REPO")
         .arg(&repository_url)
         .arg("--root")
         .arg(&paths.agent_root)
@@ -493,6 +489,8 @@ fn push_until_applied(
         })?;
     let mut push_exited = None;
     let mut events = [0u8; 4096];
+    let timeout = rustix::event::Timespec::try_from(APPLY_CHECK_INTERVAL)
+        .context("the check interval does not fit a timespec")?;
     let applied = loop {
         if std::fs::read(watched_file).is_ok_and(|content| content == expected) {
             break started.elapsed();
@@ -520,8 +518,6 @@ fn push_until_applied(
                 processes.all_log_tails()
             );
         }
-        let timeout = rustix::event::Timespec::try_from(APPLY_CHECK_INTERVAL)
-            .context("the check interval does not fit a timespec")?;
         let mut wanted = vec![PollFd::new(&watch, PollFlags::IN)];
         if push_exited.is_none() {
             wanted.push(PollFd::new(&exit_watch, PollFlags::IN));

@@ -253,15 +253,9 @@ impl Applier {
     pub fn open(root: &Path, state_dir: &Path) -> Result<Applier, ApplyError> {
         std::fs::create_dir_all(state_dir).map_err(io_at(state_dir, "create"))?;
         let lock_path = state_dir.join("lock");
-        let lock = std::fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(&lock_path)
-            .map_err(io_at(&lock_path, "open"))?;
-        if rustix::fs::flock(&lock, rustix::fs::FlockOperation::NonBlockingLockExclusive).is_err() {
-            return Err(ApplyError::AlreadyRunning(state_dir.to_path_buf()));
-        }
+        let lock = vdsync_sys::lock_exclusive(&lock_path)
+            .map_err(io_at(&lock_path, "lock"))?
+            .ok_or_else(|| ApplyError::AlreadyRunning(state_dir.to_path_buf()))?;
         let root_dir = RootDir::open(root).map_err(io_at(root, "open"))?;
         let same_fs = vdsync_sys::device_of(root).map_err(io_at(root, "stat"))?
             == vdsync_sys::device_of(state_dir).map_err(io_at(state_dir, "stat"))?;
@@ -1347,23 +1341,28 @@ mod tests {
         }
     }
 
+    /// A version on `parent` holding directory `d` and file `d/f` with `content`.
+    fn d_f_version(parent: Option<u64>, content: &[u8]) -> Changeset {
+        use vdsync_proto::fixtures::{dir_entry, file_entry};
+        Changeset {
+            parent,
+            removed: vec![],
+            entries: vec![dir_entry("d"), file_entry("d/f", content)],
+        }
+    }
+
     /// A one-file version is staged in the spare file made for its index, so it
     /// creates no name while staging; a spare that is no longer empty is not used.
     #[test]
     fn a_small_version_is_staged_in_a_spare_file() {
         use std::os::unix::fs::MetadataExt;
-        use vdsync_proto::fixtures::{dir_entry, file_entry};
         let (_temp, root, state) = tree_and_state();
         let applier = Applier::open(&root, &state).unwrap();
         applier.make_spares().unwrap();
         let stage = state.join("stage");
         let spare = std::fs::metadata(stage.join("e1")).unwrap().ino();
 
-        let first = Changeset {
-            parent: None,
-            removed: vec![],
-            entries: vec![dir_entry("d"), file_entry("d/f", b"first")],
-        };
+        let first = d_f_version(None, b"first");
         applier
             .apply(0, &first, &Contents::of(&[b"first"]))
             .unwrap();
@@ -1378,11 +1377,7 @@ mod tests {
 
         applier.make_spares().unwrap();
         std::fs::write(stage.join("e1"), "left behind").unwrap();
-        let second = Changeset {
-            parent: Some(0),
-            removed: vec![],
-            entries: vec![dir_entry("d"), file_entry("d/f", b"second")],
-        };
+        let second = d_f_version(Some(0), b"second");
         applier
             .apply(1, &second, &Contents::of(&[b"second"]))
             .unwrap();
@@ -1396,7 +1391,6 @@ mod tests {
     /// not list its old blocks; a small one is kept.
     #[test]
     fn a_staging_directory_grown_large_is_replaced_between_versions() {
-        use vdsync_proto::fixtures::{dir_entry, file_entry};
         let (temp, root, state) = tree_and_state();
         let applier = Applier::open(&root, &state).unwrap();
         applier.make_spares().unwrap();
@@ -1418,11 +1412,7 @@ mod tests {
         };
         mark(&stage);
 
-        let one = Changeset {
-            parent: None,
-            removed: vec![],
-            entries: vec![dir_entry("d"), file_entry("d/f", b"one")],
-        };
+        let one = d_f_version(None, b"one");
         applier.apply(0, &one, &Contents::of(&[b"one"])).unwrap();
         applier.make_spares().unwrap();
         assert!(marked(&stage), "a small staging directory was replaced");
@@ -1456,11 +1446,7 @@ mod tests {
             );
         }
 
-        let two = Changeset {
-            parent: Some(0),
-            removed: vec![],
-            entries: vec![dir_entry("d"), file_entry("d/f", b"two")],
-        };
+        let two = d_f_version(Some(0), b"two");
         applier.apply(1, &two, &Contents::of(&[b"two"])).unwrap();
         assert_eq!(std::fs::read(root.join("d/f")).unwrap(), b"two");
         assert_eq!(applier.current_version().unwrap(), Some(1));

@@ -346,14 +346,14 @@ impl<R: Read> Read for CountingReader<R> {
     }
 }
 
-/// The body of a pack upload: each item's header, then its content compressed as one
-/// zstd frame, opened only when its turn comes.
 /// A pack whose blobs add up to at most this many bytes is built in memory and
 /// sent with its length: one write, and the repository has the whole body at
 /// once, instead of waiting for the streamed body's separate end (measured here:
 /// 0.3 to 0.7 ms of a one-file push). Larger packs stream, so memory stays bounded.
 const BUFFERED_PACK_BYTES: u64 = 256 * 1024;
 
+/// The body of a pack upload: each item's header, then its content compressed as one
+/// zstd frame, opened only when its turn comes.
 struct PackReader {
     items: std::vec::IntoIter<UploadItem>,
     current: Option<zstd::stream::read::Encoder<'static, BufReader<Box<dyn Read + Send>>>>,

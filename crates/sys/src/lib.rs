@@ -444,6 +444,22 @@ pub fn fsync_dir(path: &Path) -> io::Result<()> {
     dir.sync_all()
 }
 
+/// Opens (making it if need be) `path` and takes an exclusive `flock` on it, for
+/// as long as the returned file stays open: one process per state directory.
+/// `None` if another open file holds the lock.
+pub fn lock_exclusive(path: &Path) -> io::Result<Option<File>> {
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(path)?;
+    match rustix::fs::flock(&file, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
+        Ok(()) => Ok(Some(file)),
+        Err(rustix::io::Errno::WOULDBLOCK) => Ok(None),
+        Err(err) => Err(err.into()),
+    }
+}
+
 /// The device a path lives on.
 pub fn device_of(path: &Path) -> io::Result<u64> {
     Ok(rustix::fs::stat(path)?.st_dev)

@@ -104,6 +104,29 @@ impl Vdsync {
         command
     }
 
+    /// [`Vdsync::command`] run as PID 1 of a PID namespace of its own (`unshare --pid
+    /// --fork --mount-proc`): it sees only its own processes in /proc, as on a machine
+    /// of its own, or as in a container.
+    pub fn command_in_own_pid_namespace<I, S>(&self, args: I) -> Command
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<OsStr>,
+    {
+        let plain = self.command(args);
+        let mut command = Command::new("unshare");
+        command
+            .args(["--pid", "--fork", "--mount-proc"])
+            .arg(plain.get_program())
+            .args(plain.get_args());
+        for (name, value) in plain.get_envs() {
+            match value {
+                Some(value) => command.env(name, value),
+                None => command.env_remove(name),
+            };
+        }
+        command
+    }
+
     /// Runs to completion and returns the output, whatever the exit status.
     pub fn output<I, S>(&self, args: I) -> Output
     where

@@ -233,10 +233,9 @@ pub fn run(
     let state_dir =
         std::fs::canonicalize(options.state_dir).map_err(io_error(options.state_dir))?;
     let lock_path = state_dir.join(LOCK_NAME);
-    let lock = std::fs::File::create(&lock_path).map_err(io_error(&lock_path))?;
-    if rustix::fs::flock(&lock, rustix::fs::FlockOperation::NonBlockingLockExclusive).is_err() {
+    let Some(_lock) = vdsync_sys::lock_exclusive(&lock_path).map_err(io_error(&lock_path))? else {
         return Err(TrackError::AlreadyTracking(state_dir));
-    }
+    };
 
     let journal = Journal::open(&state_dir.join(JOURNAL_NAME))?;
     let mut watcher = Watcher::start(options.watcher, &root, &state_dir, options.excludes)?;

@@ -509,33 +509,44 @@ fn track(args: TrackArgs) -> Result<()> {
 
 /// Sets `stop` on SIGINT or SIGTERM, so a daemon finishes its current batch.
 fn stop_on_signals(stop: Arc<std::sync::atomic::AtomicBool>) -> Result<()> {
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .context("cannot start the signal handler")?;
-    std::thread::spawn(move || {
-        runtime.block_on(async {
-            use tokio::signal::unix::{signal, SignalKind};
-            let (Ok(mut interrupt), Ok(mut terminate)) = (
-                signal(SignalKind::interrupt()),
-                signal(SignalKind::terminate()),
-            ) else {
-                return;
-            };
-            tokio::select! {
-                _ = interrupt.recv() => {}
-                _ = terminate.recv() => {}
-            }
-            stop.store(true, std::sync::atomic::Ordering::Relaxed);
-        });
-    });
-    Ok(())
+    on_stop_signals(
+        move || stop.store(true, std::sync::atomic::Ordering::Relaxed),
+        || {},
+    )
 }
+
+/// Held by a following agent while it recovers, applies or reports a version (see
+/// `FollowOptions::busy`).
+static AGENT_BUSY: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 /// On SIGINT or SIGTERM, waits for the version in progress (if any) to be applied,
 /// reported and its processes started again, then exits 0. A second signal exits
 /// at once (status 1): the next start finishes an interrupted version.
-fn stop_between_versions(busy: &'static std::sync::Mutex<()>) -> Result<()> {
+fn stop_agent_between_versions() -> Result<()> {
+    on_stop_signals(
+        || {
+            tracing::info!("stopping once the version in progress, if any, is done");
+            std::thread::spawn(|| {
+                let _idle = AGENT_BUSY
+                    .lock()
+                    .unwrap_or_else(|poisoned| poisoned.into_inner());
+                tracing::info!("stopped between versions");
+                std::process::exit(0);
+            });
+        },
+        || {
+            eprintln!("vdsync: stopping now, inside a version; the next start finishes it");
+            std::process::exit(1);
+        },
+    )
+}
+
+/// Runs `first` on the first SIGINT or SIGTERM and `again` on every later one, on a
+/// thread of its own. Either signal no longer ends the process by itself.
+fn on_stop_signals(
+    first: impl FnOnce() + Send + 'static,
+    again: impl Fn() + Send + 'static,
+) -> Result<()> {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -549,22 +560,17 @@ fn stop_between_versions(busy: &'static std::sync::Mutex<()>) -> Result<()> {
             ) else {
                 return;
             };
-            tokio::select! {
-                _ = interrupt.recv() => {}
-                _ = terminate.recv() => {}
+            let mut first = Some(first);
+            loop {
+                tokio::select! {
+                    _ = interrupt.recv() => {}
+                    _ = terminate.recv() => {}
+                }
+                match first.take() {
+                    Some(first) => first(),
+                    None => again(),
+                }
             }
-            tracing::info!("stopping once the version in progress, if any, is done");
-            std::thread::spawn(move || {
-                let _idle = busy.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-                tracing::info!("stopped between versions");
-                std::process::exit(0);
-            });
-            tokio::select! {
-                _ = interrupt.recv() => {}
-                _ = terminate.recv() => {}
-            }
-            eprintln!("vdsync: stopping now, inside a version; the next start finishes it");
-            std::process::exit(1);
         });
     });
     Ok(())
@@ -627,9 +633,8 @@ fn agent(args: AgentArgs) -> Result<()> {
     // safe for the tree, which the next start rolls forward, but those processes
     // would stay stopped until then; and as PID 1 of a container the agent gets no
     // default action for SIGTERM at all.)
-    let busy: &'static std::sync::Mutex<()> = Box::leak(Box::new(std::sync::Mutex::new(())));
     if !args.once {
-        stop_between_versions(busy)?;
+        stop_agent_between_versions()?;
     }
     let summary = vdsync_agent::follow(
         &client,
@@ -648,7 +653,7 @@ fn agent(args: AgentArgs) -> Result<()> {
                 ..Default::default()
             },
             open_log: open_log.as_ref(),
-            busy: Some(busy),
+            busy: Some(&AGENT_BUSY),
         },
     )?;
     for applied in &summary.applied {

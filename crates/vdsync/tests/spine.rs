@@ -86,6 +86,13 @@ impl Lab {
         ]
     }
 
+    /// [`Lab::agent_args`] for an agent that keeps following the head.
+    fn follower_args(&self, name: &str) -> Vec<String> {
+        let mut args = self.agent_args(name);
+        args.retain(|arg| arg != "--once");
+        args
+    }
+
     fn root_of(&self, name: &str) -> PathBuf {
         let root = self.dir.join(format!("{name}-root"));
         std::fs::create_dir_all(&root).unwrap();
@@ -447,9 +454,7 @@ fn an_agent_offline_for_five_versions_catches_up_in_order() {
 fn a_long_running_agent_applies_a_push_without_polling_delay() {
     let lab = Lab::new(|dev| write(&dev.join("page.html"), "v0"));
     let root = lab.root_of("follower");
-    let mut args = lab.agent_args("follower");
-    args.retain(|arg| arg != "--once");
-    let mut command = lab.vdsync.command(&args);
+    let mut command = lab.vdsync.command(lab.follower_args("follower"));
     command
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null());
@@ -472,16 +477,10 @@ fn a_long_running_agent_applies_a_push_without_polling_delay() {
 fn a_following_agent_stops_on_sigterm_even_as_pid_one() {
     let lab = Lab::new(|dev| write(&dev.join("page.html"), "v0"));
     let root = lab.root_of("follower");
-    let mut args = lab.agent_args("follower");
-    args.retain(|arg| arg != "--once");
+    let args = lab.follower_args("follower");
     for as_pid_one in [false, true] {
         let mut command = if as_pid_one {
-            let mut command = Command::new("unshare");
-            command
-                .args(["--pid", "--fork", "--mount-proc"])
-                .arg(&lab.vdsync.binary)
-                .args(&args);
-            command
+            lab.vdsync.command_in_own_pid_namespace(&args)
         } else {
             lab.vdsync.command(&args)
         };

@@ -163,7 +163,9 @@ impl Lab {
         serde_json::from_str(out.trim()).unwrap_or_else(|_| serde_json::json!({"text": out}))
     }
 
-    fn agent_matches_dev(&self) {
+    /// Brings the lab's agent (`agent --once` on `agent-root/`) up to the head;
+    /// returns its root.
+    fn agent_catch_up(&self) -> PathBuf {
         let root = self.dir.join("agent-root");
         std::fs::create_dir_all(&root).unwrap();
         self.vdsync.ok([
@@ -178,6 +180,11 @@ impl Lab {
             "--name".as_ref(),
             "agent".as_ref(),
         ]);
+        root
+    }
+
+    fn agent_matches_dev(&self) {
+        let root = self.agent_catch_up();
         assert_trees_equal(&describe_tree(&self.dev, &[]), &describe_tree(&root, &[]));
     }
 }
@@ -618,28 +625,12 @@ fn a_file_rewritten_while_it_is_pushed_is_sent_as_it_was_at_one_instant() {
         next(old) == new && values[from_start..CHUNKS - 1].iter().all(|v| *v == old)
     };
 
-    let root = lab.dir.join("agent-root");
-    std::fs::create_dir_all(&root).unwrap();
-    let catch_up_agent = || {
-        lab.vdsync.ok([
-            "agent".as_ref(),
-            "--once".as_ref(),
-            "--root".as_ref(),
-            root.as_os_str(),
-            "--state".as_ref(),
-            lab.dir.join("agent-state").as_os_str(),
-            "--repo".as_ref(),
-            lab.repo.url.as_ref(),
-            "--name".as_ref(),
-            "agent".as_ref(),
-        ]);
-    };
     let (mut succeeded, mut refused) = (0, 0);
     for attempt in 0..12 {
         let output = lab.push_command().output().unwrap();
         if output.status.success() {
             succeeded += 1;
-            catch_up_agent();
+            let root = lab.agent_catch_up();
             let sent = std::fs::read(root.join("data.bin")).unwrap();
             assert!(
                 held_at_one_instant(&sent),
@@ -664,7 +655,7 @@ fn a_file_rewritten_while_it_is_pushed_is_sent_as_it_was_at_one_instant() {
     );
 
     lab.push();
-    catch_up_agent();
+    let root = lab.agent_catch_up();
     let last = last_value.load(Ordering::Relaxed);
     assert_eq!(
         std::fs::read(root.join("data.bin")).unwrap(),
