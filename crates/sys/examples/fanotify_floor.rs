@@ -1,12 +1,21 @@
-//! `fanotify_floor DIR`: the least any fanotify tracker can cost a writer. It asks the
-//! kernel for exactly the events `vdsync track` asks for ([`TRACKED_EVENTS`], one
-//! `FAN_MARK_FILESYSTEM` mark, `FAN_REPORT_DFID_NAME`), reads them at the tracker's
-//! pace (after a read that found events, the next waits 10 ms, as the tracker's
-//! `BUSY_READ_DELAY`), and throws them away: no path resolution, no journal.
+//! `fanotify_floor [--ignore-all] DIR`: what the kernel's part of fanotify costs a
+//! writer. It asks for exactly the events `vdsync track` asks for
+//! ([`TRACKED_EVENTS`], one `FAN_MARK_FILESYSTEM` mark, `FAN_REPORT_DFID_NAME`),
+//! reads them at the tracker's pace when busy (after a read that found events, the
+//! next waits 10 ms, as the tracker's `BUSY_READ_DELAY`), and throws them away: no
+//! path resolution, no journal.
 //!
 //! The `tracker-overhead` benchmark runs it as a peer: the kernel queues and merges
-//! each event in the context of the process that changed the file, so this is the
-//! part of the tracker's overhead that no user-space work can remove.
+//! each event in the context of the process that changed the file. This is the cost
+//! of a tracker that hears every event; the tracker itself hears fewer (it has the
+//! kernel ignore the entries of directories created since the last push), so it
+//! can cost less than this.
+//!
+//! With `--ignore-all`, the mark ignores every one of those events too (the
+//! kernel's ignore mask): nothing is queued, and what remains is what the
+//! file-system mark costs each change before any event is made: the kernel looking
+//! up marks and the changed entry's parent and name. No fanotify tracker of a whole
+//! file system costs less than that.
 //!
 //! Prints `ready` once the mark is in place, then runs until killed.
 //!
@@ -23,10 +32,18 @@ const BUSY_READ_DELAY: Duration = Duration::from_millis(10);
 const IDLE_WAIT: Duration = Duration::from_millis(500);
 
 fn main() {
-    let Some(directory) = std::env::args_os().nth(1).map(PathBuf::from) else {
-        eprintln!("usage: fanotify_floor DIR");
+    let mut arguments: Vec<_> = std::env::args_os().skip(1).collect();
+    let ignore_all = arguments
+        .first()
+        .is_some_and(|first| first == "--ignore-all");
+    if ignore_all {
+        arguments.remove(0);
+    }
+    let [directory] = arguments.as_slice() else {
+        eprintln!("usage: fanotify_floor [--ignore-all] DIR");
         std::process::exit(2);
     };
+    let directory = PathBuf::from(directory);
     let mut group = match Fanotify::watch_filesystem(&directory) {
         Ok(group) => group,
         Err(err) => {
@@ -37,6 +54,15 @@ fn main() {
             std::process::exit(1);
         }
     };
+    if ignore_all {
+        if let Err(err) = group.ignore_file_system(&directory) {
+            eprintln!(
+                "fanotify_floor: cannot ignore the events on {}: {err}",
+                directory.display()
+            );
+            std::process::exit(1);
+        }
+    }
     println!("ready");
     let _ = std::io::stdout().flush();
     loop {

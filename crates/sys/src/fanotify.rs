@@ -19,7 +19,10 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 /// The events the tracker asks for: every kind of change to names, contents and
-/// metadata, on files and directories alike.
+/// metadata, on files and directories alike. `FAN_MOVED_FROM`/`FAN_MOVED_TO` look
+/// redundant beside `FAN_RENAME`, but an ignore mark on either directory of a rename
+/// drops its whole `FAN_RENAME`, while the other directory's half still comes (see
+/// [`Fanotify::ignore_entries`]).
 pub const TRACKED_EVENTS: u64 = libc::FAN_CREATE
     | libc::FAN_DELETE
     | libc::FAN_MODIFY
@@ -31,6 +34,10 @@ pub const TRACKED_EVENTS: u64 = libc::FAN_CREATE
     | libc::FAN_MOVE_SELF
     | libc::FAN_CLOSE_WRITE
     | libc::FAN_ONDIR;
+
+/// What [`Fanotify::ignore_entries`] stops: the tracked events on a directory's
+/// entries (`FAN_EVENT_ON_CHILD`), but not on directories (no `FAN_ONDIR`).
+const ENTRY_EVENTS_IGNORED: u64 = (TRACKED_EVENTS & !libc::FAN_ONDIR) | libc::FAN_EVENT_ON_CHILD;
 
 pub use libc::{
     FAN_ATTRIB, FAN_CLOSE_WRITE, FAN_CREATE, FAN_DELETE, FAN_DELETE_SELF, FAN_MODIFY,
@@ -166,6 +173,79 @@ impl Fanotify {
         })?;
         self.mounts.insert(fsid, path.to_path_buf());
         Ok(true)
+    }
+
+    /// Stops, in the kernel, the events about the entries of the directory at `path`
+    /// that are not directories themselves (their creation, deletion, renames,
+    /// contents, metadata), until [`Fanotify::forget_ignores`]. For a caller that
+    /// looks at the whole directory anyway, e.g. a new one: a writer filling it
+    /// (`tar -x`, `git clone`) no longer pays for an event per file.
+    ///
+    /// Still reported: events about the directory itself and its subdirectories, and
+    /// an entry moved out to a directory not ignored, as `FAN_MOVED_TO` there (its
+    /// `FAN_RENAME` and `FAN_MOVED_FROM` are dropped with the rest).
+    ///
+    /// The mark does not pin the directory in memory (`FAN_MARK_EVICTABLE`): when
+    /// the kernel evicts its inode, the events simply come again. A symlink at
+    /// `path` is not followed, and anything but a directory fails (`ENOTDIR`).
+    /// Needs Linux 6.0 (`FAN_MARK_IGNORE`); older kernels fail with `EINVAL`.
+    pub fn ignore_entries(&self, path: &Path) -> io::Result<()> {
+        let c_path = CString::new(path.as_os_str().as_bytes())
+            .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "path contains NUL"))?;
+        // SAFETY: `fd` is a fanotify group, `c_path` is a NUL-terminated path that
+        // outlives the call.
+        check(unsafe {
+            libc::fanotify_mark(
+                self.fd.as_raw_fd(),
+                libc::FAN_MARK_ADD
+                    | libc::FAN_MARK_IGNORE_SURV
+                    | libc::FAN_MARK_EVICTABLE
+                    | libc::FAN_MARK_DONT_FOLLOW
+                    | libc::FAN_MARK_ONLYDIR,
+                ENTRY_EVENTS_IGNORED,
+                libc::AT_FDCWD,
+                c_path.as_ptr(),
+            )
+        })?;
+        Ok(())
+    }
+
+    /// Ignores every tracked event on the whole file system holding `path`, which
+    /// must be marked already: nothing is queued any more. Only for measuring what
+    /// the file-system mark costs each change before any event is made (the
+    /// `fanotify_floor --ignore-all` example).
+    pub fn ignore_file_system(&self, path: &Path) -> io::Result<()> {
+        let c_path = CString::new(path.as_os_str().as_bytes())
+            .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "path contains NUL"))?;
+        // SAFETY: `fd` is a fanotify group, `c_path` is a NUL-terminated path that
+        // outlives the call.
+        check(unsafe {
+            libc::fanotify_mark(
+                self.fd.as_raw_fd(),
+                libc::FAN_MARK_ADD | libc::FAN_MARK_FILESYSTEM | libc::FAN_MARK_IGNORE_SURV,
+                TRACKED_EVENTS,
+                libc::AT_FDCWD,
+                c_path.as_ptr(),
+            )
+        })?;
+        Ok(())
+    }
+
+    /// Removes every mark set by [`Fanotify::ignore_entries`]: all their events come
+    /// again from now on. (The file system marks stay.)
+    pub fn forget_ignores(&self) -> io::Result<()> {
+        // SAFETY: `fd` is a fanotify group; FAN_MARK_FLUSH without a path removes
+        // the group's inode marks and reads no pointer.
+        check(unsafe {
+            libc::fanotify_mark(
+                self.fd.as_raw_fd(),
+                libc::FAN_MARK_FLUSH,
+                0,
+                libc::AT_FDCWD,
+                std::ptr::null(),
+            )
+        })?;
+        Ok(())
     }
 
     /// How many file systems are marked.
@@ -536,5 +616,84 @@ mod tests {
             group.resolve(fsid, &sub_handle).unwrap(),
             dir.canonicalize().unwrap()
         );
+    }
+
+    /// Reads events until one names `end` in `dir`.
+    fn events_until(group: &mut Fanotify, dir: &FileHandle, end: &[u8]) -> Vec<Event> {
+        let mut seen = Vec::new();
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while !seen
+            .iter()
+            .any(|e: &Event| e.names.iter().any(|n| n.name == end && &n.dir == dir))
+        {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the event for {} never arrived: {seen:?}",
+                String::from_utf8_lossy(end)
+            );
+            seen.extend(group.read(Duration::from_millis(200)).unwrap());
+        }
+        seen
+    }
+
+    fn names_in(events: &[Event], dir: &FileHandle, name: &[u8]) -> u64 {
+        events
+            .iter()
+            .filter(|e| e.names.iter().any(|n| n.name == name && &n.dir == dir))
+            .fold(0, |mask, e| mask | e.mask)
+    }
+
+    #[test]
+    fn ignored_entries_are_silent_until_the_ignores_are_forgotten() {
+        let temp = tempfile::tempdir().unwrap();
+        let top = temp.path().canonicalize().unwrap();
+        let mut group = Fanotify::watch_filesystem(&top).unwrap();
+        let new = top.join("new");
+        std::fs::create_dir(&new).unwrap();
+        group.ignore_entries(&new).unwrap();
+        let (top_handle, new_handle) = (
+            Fanotify::handle_of(&top).unwrap(),
+            Fanotify::handle_of(&new).unwrap(),
+        );
+
+        std::fs::write(new.join("a"), "x").unwrap();
+        std::fs::write(new.join("moved"), "x").unwrap();
+        std::fs::rename(new.join("moved"), top.join("out")).unwrap();
+        std::fs::create_dir(new.join("sub")).unwrap();
+        std::fs::write(new.join("sub").join("b"), "x").unwrap();
+        let sub_handle = Fanotify::handle_of(&new.join("sub")).unwrap();
+        std::fs::write(top.join("end1"), "x").unwrap();
+        let events = events_until(&mut group, &top_handle, b"end1");
+        assert_eq!(names_in(&events, &new_handle, b"a"), 0, "{events:?}");
+        assert_eq!(names_in(&events, &new_handle, b"moved"), 0, "{events:?}");
+        assert_eq!(
+            names_in(&events, &top_handle, b"out"),
+            FAN_MOVED_TO,
+            "moved out: only the destination's half comes: {events:?}"
+        );
+        assert_ne!(
+            names_in(&events, &new_handle, b"sub") & FAN_ONDIR,
+            0,
+            "a subdirectory's creation still comes: {events:?}"
+        );
+        assert_ne!(names_in(&events, &sub_handle, b"b"), 0, "{events:?}");
+
+        group.forget_ignores().unwrap();
+        std::fs::write(new.join("c"), "x").unwrap();
+        std::fs::write(top.join("end2"), "x").unwrap();
+        let events = events_until(&mut group, &top_handle, b"end2");
+        assert_ne!(
+            names_in(&events, &new_handle, b"c") & FAN_CREATE,
+            0,
+            "{events:?}"
+        );
+
+        let file = top.join("file");
+        std::fs::write(&file, "x").unwrap();
+        let refused = group.ignore_entries(&file).unwrap_err();
+        assert_eq!(refused.raw_os_error(), Some(libc::ENOTDIR), "{refused}");
+        std::os::unix::fs::symlink(&new, top.join("link")).unwrap();
+        let refused = group.ignore_entries(&top.join("link")).unwrap_err();
+        assert_eq!(refused.raw_os_error(), Some(libc::ENOTDIR), "{refused}");
     }
 }

@@ -57,6 +57,12 @@ const FENCE_TIMEOUT: Duration = Duration::from_secs(10);
 /// woken for nearly every event of a busy writer, and the writer pays for each
 /// wake-up (measured: a third of the tracker's cost to `tar -xf`).
 const BUSY_READ_DELAY: Duration = Duration::from_millis(10);
+/// For this long after placing an ignore mark, the tracker reads events as they
+/// come instead: a writer filling new directories (`tar -x`) makes one every few
+/// milliseconds, and the sooner its mark is in place, the fewer of its entries'
+/// events the writer pays for. With their entries ignored, such a writer wakes the
+/// tracker about once per directory.
+const EAGER_AFTER_IGNORE: Duration = Duration::from_millis(50);
 /// How often a snapshot waiting for its fence checks its deadline.
 const FENCE_CHECK_INTERVAL: Duration = Duration::from_millis(20);
 /// The longest an idle tracker sleeps: how soon it notices it is asked to stop.
@@ -286,6 +292,7 @@ pub fn run(
     // Mounted since the start and not watchable: every push rescans the whole root.
     let mut unwatched: BTreeMap<PathBuf, String> = BTreeMap::new();
     let mut busy = false;
+    let mut eager_until = Instant::now();
     let mut last_flush = Instant::now();
     // Snapshot requests waiting for their fence: (fence number, deadline, reply).
     let mut fences: Vec<(u64, Instant, mpsc::Sender<Response>)> = Vec::new();
@@ -296,7 +303,8 @@ pub fn run(
         // and the writer does not pay a wake-up for every event. On a busy machine
         // that is most of the time, since the mark covers the whole file system; so
         // a client's request ends the wait, and none happens while a snapshot waits
-        // for its fence: a push never waits for someone's build.
+        // for its fence: a push never waits for someone's build. Nor is it put off
+        // right after new directories were ignored (`EAGER_AFTER_IGNORE`).
         //
         // Otherwise the loop sleeps until an event or a request arrives, or until
         // the pending marks are due to be written: an idle tracker does not wake.
@@ -319,8 +327,12 @@ pub fn run(
         })?;
         let mut counter = [0u8; 8];
         let _ = rustix::io::read(&*wake, &mut counter);
+        let ignores_before = watcher.ignores_placed();
         let events = watcher.poll(&context, &mut seen)?;
-        busy = events > 0;
+        if watcher.ignores_placed() != ignores_before {
+            eager_until = Instant::now() + EAGER_AFTER_IGNORE;
+        }
+        busy = events > 0 && Instant::now() >= eager_until;
         if mount_table
             .as_mut()
             .is_some_and(vdsync_sys::mounts::MountTable::changed)
@@ -368,7 +380,15 @@ pub fn run(
             last_flush = Instant::now();
         }
         if fence_due {
-            let snapshot = journal.snapshot(SNAPSHOT_MARK_LIMIT);
+            let snapshot = match watcher.forget_ignores() {
+                Ok(()) => journal.snapshot(SNAPSHOT_MARK_LIMIT),
+                // Changes in the ignored directories would go unseen after this
+                // push clears their marks: no snapshot.
+                Err(source) => Err(TrackError::Watch {
+                    path: root.clone(),
+                    source,
+                }),
+            };
             fences.retain(|(number, _, reply)| {
                 if *number > seen.fence {
                     return true;
@@ -506,6 +526,7 @@ enum Watcher {
         resolver: Resolver,
         /// The state directory as events name it (file system, handle).
         state_handle: (Fsid, FileHandle),
+        ignores: Ignores,
     },
     Inotify {
         inotify: RecursiveInotify,
@@ -548,6 +569,7 @@ impl Watcher {
                     fanotify::fsid_of(state_dir)?,
                     Fanotify::handle_of(state_dir)?,
                 ),
+                ignores: Ignores::default(),
             })
         };
         let inotify = |fallback_reason: Option<String>| -> std::io::Result<Watcher> {
@@ -608,6 +630,24 @@ impl Watcher {
         }
     }
 
+    /// Lets every event come again (see [`Ignores`]): called before a snapshot is
+    /// answered, since the push it is for looks at the ignored directories, and
+    /// clears their marks.
+    fn forget_ignores(&mut self) -> std::io::Result<()> {
+        match self {
+            Watcher::Fanotify { group, ignores, .. } => ignores.forget(group),
+            Watcher::Inotify { .. } => Ok(()),
+        }
+    }
+
+    /// How many ignore marks are in place.
+    fn ignores_placed(&self) -> usize {
+        match self {
+            Watcher::Fanotify { ignores, .. } => ignores.placed,
+            Watcher::Inotify { .. } => 0,
+        }
+    }
+
     /// The descriptor that is readable when events are queued.
     fn fd(&self) -> std::os::fd::BorrowedFd<'_> {
         match self {
@@ -626,6 +666,7 @@ impl Watcher {
                 group,
                 resolver,
                 state_handle,
+                ignores,
             } => {
                 let events = group.read(wait).map_err(|source| TrackError::Watch {
                     path: context.root.to_path_buf(),
@@ -641,8 +682,10 @@ impl Watcher {
                         seen.fence = seen.fence.max(number);
                         continue;
                     }
-                    if let Err(reason) = resolver.marks_for(group, context, event, seen) {
-                        seen.root_reason = Some(reason);
+                    match resolver.marks_for(group, context, event, seen) {
+                        Ok(Some(created)) => ignores.add(group, &created),
+                        Ok(None) => {}
+                        Err(reason) => seen.root_reason = Some(reason),
                     }
                 }
             }
@@ -728,6 +771,62 @@ fn unwatched_reason(mount: &Path, error: &str) -> String {
     )
 }
 
+/// New directories whose entries' events the kernel drops until the next snapshot.
+///
+/// A directory created since the last snapshot is marked `Subtree`: the push looks
+/// at all of it. So the events of the files written into it (`tar -x`, `git clone`,
+/// `npm install`: five or six per file, each costing the writer about a
+/// microsecond) tell the tracker nothing, and an ignore mark on it stops them in the
+/// kernel ([`Fanotify::ignore_entries`]). Subdirectories still report their own
+/// creation, and get their own mark. A file moved out still reports its arrival.
+///
+/// The ignores must end before a push reads the journal: a snapshot forgets them
+/// all first ([`Watcher::forget_ignores`]); every change after that has its event
+/// again, and every change before it lies under a `Subtree` mark the push scans.
+/// A mark placed for an event read after the snapshot's fence covers a `Subtree`
+/// mark of a later batch, which that push does not clear.
+#[derive(Default)]
+struct Ignores {
+    /// Marks placed since they were last forgotten.
+    placed: usize,
+    /// The kernel refused them (before Linux 6.0): not tried again.
+    unsupported: bool,
+}
+
+/// At most this many ignore marks at once. They are evictable (they do not pin
+/// inodes), so this only bounds the kernel's mark memory (about 100 bytes each).
+const IGNORE_LIMIT: usize = 16_384;
+
+impl Ignores {
+    fn add(&mut self, group: &Fanotify, directory: &Path) {
+        if self.unsupported || self.placed >= IGNORE_LIMIT {
+            return;
+        }
+        use vdsync_sys::Errno;
+        match group.ignore_entries(directory) {
+            Ok(()) => self.placed += 1,
+            // Gone or replaced since: nothing to ignore. Whatever is at that name
+            // now came there with an event of its own.
+            Err(err) if matches!(vdsync_sys::errno(&err), Some(Errno::NOENT | Errno::NOTDIR)) => {}
+            Err(err) if vdsync_sys::errno(&err) == Some(Errno::INVAL) => {
+                tracing::debug!(error = %err, "the kernel refuses ignore marks (Linux 6.0 needed); every event is read");
+                self.unsupported = true;
+            }
+            Err(err) => {
+                tracing::debug!(directory = %directory.display(), error = %err, "a new directory's entries cannot be ignored");
+            }
+        }
+    }
+
+    fn forget(&mut self, group: &Fanotify) -> std::io::Result<()> {
+        if self.placed > 0 {
+            group.forget_ignores()?;
+            self.placed = 0;
+        }
+        Ok(())
+    }
+}
+
 /// The fence number if `event` creates one of our fence files.
 fn fanotify_fence(event: &fanotify::Event, state_handle: &(Fsid, FileHandle)) -> Option<u64> {
     if event.mask & fanotify::FAN_CREATE == 0 {
@@ -747,15 +846,16 @@ struct Resolver {
 }
 
 impl Resolver {
-    /// Adds the marks for `event` to `seen`. An error is the reason the whole root
-    /// must be rescanned instead.
+    /// Adds the marks for `event` to `seen`, and returns the directory it created,
+    /// if it did: that one is marked with everything below it. An error is the
+    /// reason the whole root must be rescanned instead.
     fn marks_for(
         &mut self,
         group: &Fanotify,
         context: &Context<'_>,
         event: &fanotify::Event,
         seen: &mut Seen,
-    ) -> Result<(), String> {
+    ) -> Result<Option<PathBuf>, String> {
         let directory_moved = event.is_dir()
             && event.mask
                 & (fanotify::FAN_RENAME
@@ -763,6 +863,10 @@ impl Resolver {
                     | fanotify::FAN_MOVED_TO
                     | fanotify::FAN_MOVE_SELF)
                 != 0;
+        let deleted = event.mask & fanotify::FAN_DELETE != 0;
+        let created_directory =
+            event.is_dir() && event.mask & fanotify::FAN_CREATE != 0 && !directory_moved;
+        let mut created = None;
         for name in &event.names {
             let key = (name.fsid, name.dir.clone());
             let directory = match self.cache.get(&key) {
@@ -798,21 +902,25 @@ impl Resolver {
                 continue;
             };
             // A directory that moves carries its contents (nothing below has an
-            // event of its own); a deleted one takes its indexed contents with it.
+            // event of its own); a deleted one takes its indexed contents with it;
+            // a new one is looked at whole, so that its entries' events can be
+            // ignored (see `Ignores`).
             let renamed = directory_moved || matches!(name.role, NameRole::Old | NameRole::New);
-            let deleted = event.mask & fanotify::FAN_DELETE != 0;
-            let mark = if event.is_dir() && (renamed || deleted) {
+            let mark = if event.is_dir() && (renamed || deleted || created_directory) {
                 Mark::Subtree
             } else {
                 Mark::Path
             };
             seen.mark(path, mark);
+            if created_directory {
+                created = Some(full);
+            }
         }
         if directory_moved {
             // Every cached path below the moved directory is now wrong.
             self.cache.clear();
         }
-        Ok(())
+        Ok(created)
     }
 }
 

@@ -183,6 +183,23 @@ impl Lab {
         root
     }
 
+    /// How many directories the tracker's fanotify group ignores events in, as the
+    /// kernel lists its marks in /proc (`fanotify ino:… ignored_mask:…`).
+    fn tracker_ignore_marks(&self) -> usize {
+        let pid = self.tracker.as_ref().unwrap().child.id();
+        let mut marks = 0;
+        for fd in std::fs::read_dir(format!("/proc/{pid}/fdinfo")).unwrap() {
+            let info = std::fs::read_to_string(fd.unwrap().path()).unwrap_or_default();
+            marks += info
+                .lines()
+                .filter(|line| {
+                    line.starts_with("fanotify ino:") && !line.contains(" ignored_mask:0 ")
+                })
+                .count();
+        }
+        marks
+    }
+
     fn agent_matches_dev(&self) {
         let root = self.agent_catch_up();
         assert_trees_equal(&describe_tree(&self.dev, &[]), &describe_tree(&root, &[]));
@@ -520,6 +537,58 @@ fn a_file_system_mounted_or_unmounted_while_tracking_is_seen(watcher: Watcher) {
     lab.agent_matches_dev();
 }
 
+/// The fanotify tracker stops the events of a new directory's entries in the kernel
+/// until the next push (ignore marks, `FAN_MARK_IGNORE`), and has the push look at
+/// the whole directory instead. Nothing may be lost by that: not files written into
+/// it, not a file moved in or out (the kernel then reports only the other
+/// directory's half of the rename), and not what changes in it after the push.
+fn a_new_directory_is_pushed_whole_and_watched_again_after_the_push(watcher: Watcher) {
+    let lab = Lab::new(watcher, |dev| {
+        std::fs::write(dev.join("kept"), "kept").unwrap();
+        std::fs::create_dir(dev.join("old")).unwrap();
+    });
+    let dev = &lab.dev;
+    let new = dev.join("new");
+    std::fs::create_dir(&new).unwrap();
+    if matches!(watcher, Watcher::Fanotify) {
+        wait_until(
+            Duration::from_secs(10),
+            "the tracker's ignore mark on new/",
+            || lab.tracker_ignore_marks() == 1,
+        );
+    }
+    for file in 0..50 {
+        std::fs::write(new.join(format!("f{file}")), file.to_string()).unwrap();
+    }
+    std::fs::create_dir(new.join("sub")).unwrap();
+    std::fs::write(new.join("sub/deeper"), "deeper").unwrap();
+    std::fs::rename(dev.join("kept"), new.join("kept")).unwrap();
+    std::fs::write(new.join("leaving"), "leaving").unwrap();
+    std::fs::rename(new.join("leaving"), dev.join("old/arrived")).unwrap();
+    let pushed = lab.push();
+    assert_eq!(pushed["source"]["mode"], "journal", "{pushed}");
+    lab.agent_matches_dev();
+
+    // The push's snapshot lifted the ignores: changes in new/ are reported again.
+    assert_eq!(lab.tracker_ignore_marks(), 0);
+    std::fs::write(new.join("f0"), "changed").unwrap();
+    std::fs::remove_file(new.join("f1")).unwrap();
+    std::fs::write(new.join("late"), "late").unwrap();
+    std::fs::write(new.join("sub/deeper"), "changed too").unwrap();
+    assert_eq!(
+        lab.status(),
+        pairs(&[
+            ("modified", "new/f0"),
+            ("deleted", "new/f1"),
+            ("new", "new/late"),
+            ("modified", "new/sub/deeper"),
+        ])
+    );
+    let pushed = lab.push();
+    assert_eq!(pushed["files"], 3, "{pushed}");
+    lab.agent_matches_dev();
+}
+
 macro_rules! for_each_watcher {
     ($($scenario:ident),* $(,)?) => {
         mod fanotify {
@@ -542,6 +611,7 @@ for_each_watcher!(
     changes_while_the_tracker_was_down_are_found_after_its_restart,
     file_systems_mounted_below_the_root_are_tracked,
     a_file_system_mounted_or_unmounted_while_tracking_is_seen,
+    a_new_directory_is_pushed_whole_and_watched_again_after_the_push,
 );
 
 #[test]
