@@ -1170,6 +1170,13 @@ fn measure_memory_once(
     let tree = scratch_root.join(format!("tree-{repetition}"));
     let state = scratch_root.join(format!("tracker-state-{repetition}"));
     std::fs::create_dir_all(&tree).with_context(|| format!("cannot create {}", tree.display()))?;
+    // The directories exist before the tracker starts: it has the kernel ignore the
+    // entries of directories created while it runs (their names would be one
+    // `Subtree` mark each), and the journal is to hold the million names.
+    for directory in memory_directories(&tree) {
+        std::fs::create_dir(&directory)
+            .with_context(|| format!("cannot create {}", directory.display()))?;
+    }
     // The tracker only, so it can be stopped before the deletion below.
     let mut processes = BackgroundProcesses::default();
 
@@ -1196,7 +1203,7 @@ fn measure_memory_once(
     println!("    tracker: {}", after_start.describe());
 
     narrate(format_args!(
-        "creating {} names in {MEMORY_DIRECTORIES} directories under the tracked tree (per directory: one empty file and hard links to it)",
+        "creating {} names in the {MEMORY_DIRECTORIES} directories under the tracked tree (per directory: one empty file and hard links to it)",
         MEMORY_DIRECTORIES * MEMORY_NAMES_PER_DIRECTORY
     ));
     let started = Instant::now();
@@ -1267,7 +1274,12 @@ fn measure_memory_once(
     })
 }
 
-/// Makes [`MEMORY_DIRECTORIES`] directories `dir-NNN` under `tree`, each holding
+/// The [`MEMORY_DIRECTORIES`] directories `dir-NNN` under `tree`.
+fn memory_directories(tree: &Path) -> impl Iterator<Item = PathBuf> + '_ {
+    (0..MEMORY_DIRECTORIES).map(|index| tree.join(format!("dir-{index:03}")))
+}
+
+/// Fills each of the (existing) [`memory_directories`] with
 /// [`MEMORY_NAMES_PER_DIRECTORY`] names `name-NNNN`: an empty file and hard links to
 /// it. Calls `progress` with the count so far at every fifth of the way.
 ///
@@ -1282,10 +1294,7 @@ fn create_names(tree: &Path, mut progress: impl FnMut(usize)) -> Result<()> {
     let total = MEMORY_DIRECTORIES * MEMORY_NAMES_PER_DIRECTORY;
     let report_every = total / 5;
     let mut created = 0usize;
-    for directory_index in 0..MEMORY_DIRECTORIES {
-        let directory = tree.join(format!("dir-{directory_index:03}"));
-        std::fs::create_dir(&directory)
-            .with_context(|| format!("cannot create {}", directory.display()))?;
+    for directory in memory_directories(tree) {
         let first_name = directory.join("name-0000");
         for name_index in 0..MEMORY_NAMES_PER_DIRECTORY {
             let name = directory.join(format!("name-{name_index:04}"));
