@@ -8,6 +8,8 @@
 
 use std::collections::HashMap;
 use std::io::{self, BufReader, Read};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
+use std::thread::JoinHandle;
 use std::time::Duration;
 
 use serde::de::DeserializeOwned;
@@ -43,6 +45,8 @@ pub enum ClientError {
     BadChangeset(#[source] serde_json::Error),
     #[error("cannot read what was to be uploaded")]
     ReadUpload(#[source] io::Error),
+    #[error("cannot set up the HTTP client: {0}")]
+    Setup(String),
 }
 
 /// A version's changeset with the content of the blobs the repository put beside
@@ -69,28 +73,70 @@ pub struct UploadItem {
 
 #[derive(Clone)]
 pub struct Client {
-    http: reqwest::blocking::Client,
+    http: Arc<Http>,
     base: String,
 }
 
+/// The HTTP client, built on a thread of its own from [`Client::new`] on: building
+/// it starts reqwest's runtime thread and waits for it (about half a millisecond),
+/// which then overlaps the caller's work until its first request (a push reads its
+/// changes meanwhile).
+struct Http {
+    building: Mutex<Option<JoinHandle<reqwest::Result<reqwest::blocking::Client>>>>,
+    built: OnceLock<Result<reqwest::blocking::Client, String>>,
+}
+
 impl Client {
+    /// A client of the repository at `url` (`http://HOST:PORT`). Its HTTP client is
+    /// built on a thread meanwhile; the first request waits for it.
     pub fn new(url: &str) -> Result<Client, ClientError> {
         let base = url.trim_end_matches('/').to_owned();
         if !(base.starts_with("http://") || base.starts_with("https://")) || base.len() < 8 {
             return Err(ClientError::BadUrl(url.to_owned()));
         }
-        let http = reqwest::blocking::Client::builder()
-            .connect_timeout(Duration::from_secs(10))
-            // Packs of many GiB and long-polls take as long as they take; stalls are
-            // caught by TCP keepalive instead of a whole-request deadline.
-            .timeout(None)
-            .tcp_keepalive(Duration::from_secs(30))
-            .build()
-            .map_err(|source| ClientError::Transport {
-                url: base.clone(),
-                source,
-            })?;
-        Ok(Client { http, base })
+        let building = std::thread::Builder::new()
+            .name("http-client-setup".to_owned())
+            .spawn(|| {
+                reqwest::blocking::Client::builder()
+                    .connect_timeout(Duration::from_secs(10))
+                    // Packs of many GiB and long-polls take as long as they take;
+                    // stalls are caught by TCP keepalive instead of a whole-request
+                    // deadline.
+                    .timeout(None)
+                    .tcp_keepalive(Duration::from_secs(30))
+                    .build()
+            })
+            .map_err(|err| ClientError::Setup(err.to_string()))?;
+        let http = Http {
+            building: Mutex::new(Some(building)),
+            built: OnceLock::new(),
+        };
+        Ok(Client {
+            http: Arc::new(http),
+            base,
+        })
+    }
+
+    /// The HTTP client, once its thread has built it.
+    fn http(&self) -> Result<&reqwest::blocking::Client, ClientError> {
+        let built = self.http.built.get_or_init(|| {
+            let building = self
+                .http
+                .building
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .take();
+            match building.map(JoinHandle::join) {
+                Some(Ok(Ok(client))) => Ok(client),
+                Some(Ok(Err(err))) => Err(vdsync_proto::display::error_chain(&err)),
+                Some(Err(_)) => Err("its thread panicked".to_owned()),
+                // Only `get_or_init` takes the handle, and it runs once.
+                None => Err("it was never started".to_owned()),
+            }
+        });
+        built
+            .as_ref()
+            .map_err(|message| ClientError::Setup(message.clone()))
     }
 
     pub fn url(&self) -> &str {
@@ -125,7 +171,7 @@ impl Client {
     }
 
     fn get<T: DeserializeOwned>(&self, path: &str) -> Result<T, ClientError> {
-        let response = self.send(self.http.get(format!("{}{path}", self.base)), path)?;
+        let response = self.send(self.http()?.get(format!("{}{path}", self.base)), path)?;
         response.json().map_err(ClientError::Decode)
     }
 
@@ -134,14 +180,14 @@ impl Client {
         path: &str,
         body: &B,
     ) -> Result<T, ClientError> {
-        let request = self.http.post(format!("{}{path}", self.base)).json(body);
+        let request = self.http()?.post(format!("{}{path}", self.base)).json(body);
         self.send(request, path)?
             .json()
             .map_err(ClientError::Decode)
     }
 
     fn post_no_answer<B: Serialize>(&self, path: &str, body: &B) -> Result<(), ClientError> {
-        let request = self.http.post(format!("{}{path}", self.base)).json(body);
+        let request = self.http()?.post(format!("{}{path}", self.base)).json(body);
         self.send(request, path).map(|_| ())
     }
 
@@ -170,7 +216,7 @@ impl Client {
     /// small.
     pub fn bundle(&self, version: u64, max_bytes: u64) -> Result<Bundle, ClientError> {
         let path = format!("/v1/versions/{version}/bundle?max_bytes={max_bytes}");
-        let response = self.send(self.http.get(format!("{}{path}", self.base)), &path)?;
+        let response = self.send(self.http()?.get(format!("{}{path}", self.base)), &path)?;
         read_bundle(response, version)
     }
 
@@ -187,7 +233,7 @@ impl Client {
             "/v1/versions/{version}/bundle?max_bytes={max_bytes}&wait_ms={}",
             wait.as_millis()
         );
-        let response = self.send(self.http.get(format!("{}{path}", self.base)), &path)?;
+        let response = self.send(self.http()?.get(format!("{}{path}", self.base)), &path)?;
         if response.status() == reqwest::StatusCode::NO_CONTENT {
             return Ok(None);
         }
@@ -263,7 +309,7 @@ impl Client {
             reqwest::blocking::Body::new(reader)
         };
         let request = self
-            .http
+            .http()?
             .post(format!("{}{path}", self.base))
             .header("content-type", "application/octet-stream")
             .body(body);
@@ -282,7 +328,7 @@ impl Client {
         sink: &mut dyn FnMut(PackHeader, &mut dyn Read) -> io::Result<()>,
     ) -> Result<u64, ClientError> {
         let response = self.send(
-            self.http
+            self.http()?
                 .post(format!("{}/v1/blobs/fetch", self.base))
                 .json(&HashList {
                     hashes: hashes.to_vec(),

@@ -380,6 +380,7 @@ pub fn run(
             last_flush = Instant::now();
         }
         if fence_due {
+            tracing::debug!(fence = seen.fence, "tracker: fence read");
             let snapshot = match watcher.forget_ignores() {
                 Ok(()) => journal.snapshot(SNAPSHOT_MARK_LIMIT),
                 // Changes in the ignored directories would go unseen after this
@@ -400,6 +401,7 @@ pub fn run(
                 let _ = reply.send(answer);
                 false
             });
+            tracing::debug!("tracker: snapshot sent");
             remove_fence_files(&state_dir, seen.fence);
         }
         let now = Instant::now();
@@ -967,11 +969,13 @@ fn answer_client(stream: UnixStream, clients: &Clients) -> std::io::Result<()> {
     let mut reader = BufReader::new(stream.try_clone()?);
     let mut line = String::new();
     reader.read_line(&mut line)?;
+    tracing::debug!("tracker: request read");
     let response = match serde_json::from_str::<Request>(&line) {
         Ok(request) => answer(clients, request),
         Err(err) => Response::Error(format!("bad request: {err}")),
     };
     // One write per message: serde_json writes token by token.
+    tracing::debug!("tracker: answer ready");
     let mut message = serde_json::to_vec(&response)?;
     message.push(b'\n');
     let mut stream = stream;
@@ -1020,8 +1024,10 @@ fn answer(clients: &Clients, request: Request) -> Response {
 }
 
 /// Hands `request` to the event loop and waits for its answer. A snapshot's fence
-/// file is created after the request is queued: the fence's event is what wakes the
-/// event loop, and the request must be there by then.
+/// file is created after the request is queued (the fence's event may wake the event
+/// loop, and the request must be there by then) and before the loop is woken
+/// through the eventfd (a loop putting off its next read waits on that alone): so
+/// one wake-up usually finds both.
 fn ask_loop(clients: &Clients, request: LoopRequest) -> Response {
     let fence = match request {
         LoopRequest::Snapshot { fence } => Some(fence),
@@ -1031,8 +1037,9 @@ fn ask_loop(clients: &Clients, request: LoopRequest) -> Response {
     if clients.requests.send(Pending { request, reply }).is_err() {
         return Response::Error("the tracker is shutting down".to_owned());
     }
+    let fenced = fence.map(|fence| create_fence(&clients.state_dir, fence));
     let _ = rustix::io::write(&*clients.wake, &1u64.to_ne_bytes());
-    if let Some(Err(err)) = fence.map(|fence| create_fence(&clients.state_dir, fence)) {
+    if let Some(Err(err)) = fenced {
         return Response::Error(format!("cannot create the fence file: {err}"));
     }
     answer
