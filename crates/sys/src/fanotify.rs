@@ -175,7 +175,8 @@ impl Fanotify {
         Ok(true)
     }
 
-    /// Stops, in the kernel, the events about the entries of the directory at `path`
+    /// Stops, in the kernel, the events about the entries of the directory `name` in
+    /// the directory behind `handle` on the file system `fsid` (an event's entry)
     /// that are not directories themselves (their creation, deletion, renames,
     /// contents, metadata), until [`Fanotify::forget_ignores`]. For a caller that
     /// looks at the whole directory anyway, e.g. a new one: a writer filling it
@@ -185,15 +186,19 @@ impl Fanotify {
     /// an entry moved out to a directory not ignored, as `FAN_MOVED_TO` there (its
     /// `FAN_RENAME` and `FAN_MOVED_FROM` are dropped with the rest).
     ///
-    /// The mark does not pin the directory in memory (`FAN_MARK_EVICTABLE`): when
-    /// the kernel evicts its inode, the events simply come again. A symlink at
-    /// `path` is not followed, and anything but a directory fails (`ENOTDIR`).
-    /// Needs Linux 6.0 (`FAN_MARK_IGNORE`); older kernels fail with `EINVAL`.
-    pub fn ignore_entries(&self, path: &Path) -> io::Result<()> {
-        let c_path = CString::new(path.as_os_str().as_bytes())
-            .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "path contains NUL"))?;
-        // SAFETY: `fd` is a fanotify group, `c_path` is a NUL-terminated path that
-        // outlives the call.
+    /// The directory is found through the handle and then the one name, not through
+    /// a path: whatever was renamed or replaced by a symlink above it meanwhile, the
+    /// mark lands on the directory now at that name there. A symlink at `name` is
+    /// not followed, and anything but a directory fails (`ENOTDIR`). The mark does
+    /// not pin the directory in memory (`FAN_MARK_EVICTABLE`): when the kernel
+    /// evicts its inode, the events simply come again. Needs Linux 6.0
+    /// (`FAN_MARK_IGNORE`); older kernels fail with `EINVAL`.
+    pub fn ignore_entries(&self, fsid: Fsid, handle: &FileHandle, name: &[u8]) -> io::Result<()> {
+        let parent = self.open_handle(fsid, handle)?;
+        let c_name = CString::new(name)
+            .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "name contains NUL"))?;
+        // SAFETY: `fd` is a fanotify group, `parent` an open directory and `c_name` a
+        // NUL-terminated name, all outliving the call.
         check(unsafe {
             libc::fanotify_mark(
                 self.fd.as_raw_fd(),
@@ -203,8 +208,8 @@ impl Fanotify {
                     | libc::FAN_MARK_DONT_FOLLOW
                     | libc::FAN_MARK_ONLYDIR,
                 ENTRY_EVENTS_IGNORED,
-                libc::AT_FDCWD,
-                c_path.as_ptr(),
+                parent.as_raw_fd(),
+                c_name.as_ptr(),
             )
         })?;
         Ok(())
@@ -275,6 +280,14 @@ impl Fanotify {
     /// `fsid`. Fails (ESTALE) once the directory is gone, which is why callers cache
     /// what they resolved.
     pub fn resolve(&self, fsid: Fsid, handle: &FileHandle) -> io::Result<PathBuf> {
+        let fd = self.open_handle(fsid, handle)?;
+        let link = rustix::fs::readlink(format!("/proc/self/fd/{}", fd.as_raw_fd()), Vec::new())?;
+        Ok(PathBuf::from(OsStr::from_bytes(link.as_bytes())))
+    }
+
+    /// An `O_PATH` descriptor of the directory behind `handle` on the file system
+    /// `fsid`; fails like [`Fanotify::resolve`].
+    fn open_handle(&self, fsid: Fsid, handle: &FileHandle) -> io::Result<OwnedFd> {
         let mount_path = self.mounts.get(&fsid).ok_or_else(|| {
             io::Error::other(format!(
                 "an event names file system {fsid:#x}, which is not watched"
@@ -318,9 +331,7 @@ impl Fanotify {
         };
         let raw = check(raw)?;
         // SAFETY: open_by_handle_at returned a new descriptor that we now own.
-        let fd = unsafe { OwnedFd::from_raw_fd(raw) };
-        let link = rustix::fs::readlink(format!("/proc/self/fd/{}", fd.as_raw_fd()), Vec::new())?;
-        Ok(PathBuf::from(OsStr::from_bytes(link.as_bytes())))
+        Ok(unsafe { OwnedFd::from_raw_fd(raw) })
     }
 
     /// The handle of the directory at `path` (to recognise events in it without
@@ -648,13 +659,14 @@ mod tests {
         let temp = tempfile::tempdir().unwrap();
         let top = temp.path().canonicalize().unwrap();
         let mut group = Fanotify::watch_filesystem(&top).unwrap();
+        let fsid = fsid_of(&top).unwrap();
         let new = top.join("new");
         std::fs::create_dir(&new).unwrap();
-        group.ignore_entries(&new).unwrap();
         let (top_handle, new_handle) = (
             Fanotify::handle_of(&top).unwrap(),
             Fanotify::handle_of(&new).unwrap(),
         );
+        group.ignore_entries(fsid, &top_handle, b"new").unwrap();
 
         std::fs::write(new.join("a"), "x").unwrap();
         std::fs::write(new.join("moved"), "x").unwrap();
@@ -688,12 +700,31 @@ mod tests {
             "{events:?}"
         );
 
-        let file = top.join("file");
-        std::fs::write(&file, "x").unwrap();
-        let refused = group.ignore_entries(&file).unwrap_err();
+        // Found through the handle, not the path: `p` renamed and a new `p` made,
+        // the mark lands on the directory that was `p/inner`.
+        std::fs::create_dir_all(top.join("p/inner")).unwrap();
+        let p_handle = Fanotify::handle_of(&top.join("p")).unwrap();
+        std::fs::rename(top.join("p"), top.join("q")).unwrap();
+        std::fs::create_dir_all(top.join("p/inner")).unwrap();
+        group.ignore_entries(fsid, &p_handle, b"inner").unwrap();
+        std::fs::write(top.join("q/inner/x"), "x").unwrap();
+        std::fs::write(top.join("p/inner/y"), "y").unwrap();
+        std::fs::write(top.join("end3"), "x").unwrap();
+        let events = events_until(&mut group, &top_handle, b"end3");
+        let moved = Fanotify::handle_of(&top.join("q/inner")).unwrap();
+        let other = Fanotify::handle_of(&top.join("p/inner")).unwrap();
+        assert_eq!(names_in(&events, &moved, b"x"), 0, "{events:?}");
+        assert_ne!(names_in(&events, &other, b"y"), 0, "{events:?}");
+
+        std::fs::write(top.join("file"), "x").unwrap();
+        let refused = group
+            .ignore_entries(fsid, &top_handle, b"file")
+            .unwrap_err();
         assert_eq!(refused.raw_os_error(), Some(libc::ENOTDIR), "{refused}");
         std::os::unix::fs::symlink(&new, top.join("link")).unwrap();
-        let refused = group.ignore_entries(&top.join("link")).unwrap_err();
+        let refused = group
+            .ignore_entries(fsid, &top_handle, b"link")
+            .unwrap_err();
         assert_eq!(refused.raw_os_error(), Some(libc::ENOTDIR), "{refused}");
     }
 }

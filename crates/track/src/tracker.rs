@@ -800,12 +800,13 @@ struct Ignores {
 const IGNORE_LIMIT: usize = 16_384;
 
 impl Ignores {
-    fn add(&mut self, group: &Fanotify, directory: &Path) {
+    /// Ignores the entries of the directory an event named as `created`.
+    fn add(&mut self, group: &Fanotify, created: &fanotify::DirEntryName) {
         if self.unsupported || self.placed >= IGNORE_LIMIT {
             return;
         }
         use vdsync_sys::Errno;
-        match group.ignore_entries(directory) {
+        match group.ignore_entries(created.fsid, &created.dir, &created.name) {
             Ok(()) => self.placed += 1,
             // Gone or replaced since: nothing to ignore. Whatever is at that name
             // now came there with an event of its own.
@@ -815,7 +816,8 @@ impl Ignores {
                 self.unsupported = true;
             }
             Err(err) => {
-                tracing::debug!(directory = %directory.display(), error = %err, "a new directory's entries cannot be ignored");
+                let name = String::from_utf8_lossy(&created.name);
+                tracing::debug!(%name, error = %err, "a new directory's entries cannot be ignored");
             }
         }
     }
@@ -848,8 +850,8 @@ struct Resolver {
 }
 
 impl Resolver {
-    /// Adds the marks for `event` to `seen`, and returns the directory it created,
-    /// if it did: that one is marked with everything below it. An error is the
+    /// Adds the marks for `event` to `seen`, and returns the entry of the directory
+    /// it created, if it did: that one is marked with everything below it. An error is the
     /// reason the whole root must be rescanned instead.
     fn marks_for(
         &mut self,
@@ -857,7 +859,7 @@ impl Resolver {
         context: &Context<'_>,
         event: &fanotify::Event,
         seen: &mut Seen,
-    ) -> Result<Option<PathBuf>, String> {
+    ) -> Result<Option<fanotify::DirEntryName>, String> {
         let directory_moved = event.is_dir()
             && event.mask
                 & (fanotify::FAN_RENAME
@@ -915,7 +917,7 @@ impl Resolver {
             };
             seen.mark(path, mark);
             if created_directory {
-                created = Some(full);
+                created = Some(name.clone());
             }
         }
         if directory_moved {
