@@ -24,7 +24,7 @@
 //! lookups with the snapshot and writes the push's index update after the commit. A
 //! client that needs the whole index asks it to close the index first.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::io::{BufRead, BufReader, Write};
 use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
@@ -461,6 +461,38 @@ impl Context<'_> {
     fn relative(&self, full: &Path) -> Option<RepoPath> {
         relative_to(self.root, self.state_dir, self.excludes, full)
     }
+
+    /// Whether nothing in `directory` is ever pushed: outside the root, or excluded
+    /// inside it. Never the state directory (the fences are made there) or below.
+    fn never_pushed(&self, directory: &Path) -> bool {
+        if directory.starts_with(self.state_dir) {
+            return false;
+        }
+        match directory.strip_prefix(self.root) {
+            Err(_) => true,
+            Ok(inside) => RepoPath::parse(inside.as_os_str().as_bytes())
+                .is_ok_and(|path| excluded_with_ancestors(self.excludes, &path)),
+        }
+    }
+}
+
+/// Whether `path` or a directory above it is excluded.
+fn excluded_with_ancestors(excludes: &Excludes, path: &RepoPath) -> bool {
+    let mut prefix: Option<RepoPath> = None;
+    for component in path.components() {
+        let next = match &prefix {
+            Some(prefix) => prefix.join(component),
+            None => RepoPath::parse(component),
+        };
+        let Ok(next) = next else {
+            return false;
+        };
+        if excludes.is_excluded(&next) {
+            return true;
+        }
+        prefix = Some(next);
+    }
+    false
 }
 
 fn relative_to(
@@ -475,18 +507,7 @@ fn relative_to(
     let inside = full.strip_prefix(root).ok()?;
     let path = RepoPath::parse(inside.as_os_str().as_bytes()).ok()?;
     // An excluded ancestor excludes the path.
-    let mut prefix: Option<RepoPath> = None;
-    for component in path.components() {
-        let next = match &prefix {
-            Some(prefix) => prefix.join(component).ok()?,
-            None => RepoPath::parse(component).ok()?,
-        };
-        if excludes.is_excluded(&next) {
-            return None;
-        }
-        prefix = Some(next);
-    }
-    Some(path)
+    (!excluded_with_ancestors(excludes, &path)).then_some(path)
 }
 
 /// A fence is a new name `fence-N` in the state directory: a unique name per
@@ -684,10 +705,14 @@ impl Watcher {
                         seen.fence = seen.fence.max(number);
                         continue;
                     }
-                    match resolver.marks_for(group, context, event, seen) {
-                        Ok(Some(created)) => ignores.add(group, &created),
-                        Ok(None) => {}
-                        Err(reason) => seen.root_reason = Some(reason),
+                    let mut ignorable = Vec::new();
+                    if let Err(reason) =
+                        resolver.marks_for(group, context, event, seen, &mut ignorable)
+                    {
+                        seen.root_reason = Some(reason);
+                    }
+                    for target in &ignorable {
+                        ignores.add(group, target);
                     }
                 }
             }
@@ -773,7 +798,7 @@ fn unwatched_reason(mount: &Path, error: &str) -> String {
     )
 }
 
-/// New directories whose entries' events the kernel drops until the next snapshot.
+/// Directories whose entries' events the kernel drops until the next snapshot.
 ///
 /// A directory created since the last snapshot is marked `Subtree`: the push looks
 /// at all of it. So the events of the files written into it (`tar -x`, `git clone`,
@@ -782,17 +807,36 @@ fn unwatched_reason(mount: &Path, error: &str) -> String {
 /// kernel ([`Fanotify::ignore_entries`]). Subdirectories still report their own
 /// creation, and get their own mark. A file moved out still reports its arrival.
 ///
+/// The same goes for a directory nothing is pushed from (outside the root, other
+/// than the state directory, or excluded): the mark covers the whole file system,
+/// so without this the tracker hears (and resolves, and drops) every change anyone
+/// makes on it, and every writer pays for the events. After its first event such a
+/// directory falls silent, but for its subdirectories and what moves out of it.
+///
 /// The ignores must end before a push reads the journal: a snapshot forgets them
 /// all first ([`Watcher::forget_ignores`]); every change after that has its event
-/// again, and every change before it lies under a `Subtree` mark the push scans.
-/// A mark placed for an event read after the snapshot's fence covers a `Subtree`
-/// mark of a later batch, which that push does not clear.
+/// again, and every change before it lies under a `Subtree` mark the push scans
+/// (a directory moved into the root, or out of an excluded name, is reported, since
+/// events about directories are never ignored, and marked `Subtree`). A mark placed
+/// for an event read after the snapshot's fence covers a `Subtree` mark of a later
+/// batch, which that push does not clear.
 #[derive(Default)]
 struct Ignores {
     /// Marks placed since they were last forgotten.
     placed: usize,
+    /// The directories among them ignored as never pushed, so that the events
+    /// queued before their mark do not place it again.
+    never_pushed: HashSet<(Fsid, FileHandle)>,
     /// The kernel refused them (before Linux 6.0): not tried again.
     unsupported: bool,
+}
+
+/// A directory to ignore the entries of: `name` in the directory behind the handle
+/// (`.`: that directory).
+struct IgnoreTarget {
+    fsid: Fsid,
+    dir: FileHandle,
+    name: Vec<u8>,
 }
 
 /// At most this many ignore marks at once. They are evictable (they do not pin
@@ -800,14 +844,26 @@ struct Ignores {
 const IGNORE_LIMIT: usize = 16_384;
 
 impl Ignores {
-    /// Ignores the entries of the directory an event named as `created`.
-    fn add(&mut self, group: &Fanotify, created: &fanotify::DirEntryName) {
+    fn add(&mut self, group: &Fanotify, target: &IgnoreTarget) {
         if self.unsupported || self.placed >= IGNORE_LIMIT {
             return;
         }
+        let itself = target.name == b".";
+        if itself
+            && self
+                .never_pushed
+                .contains(&(target.fsid, target.dir.clone()))
+        {
+            return;
+        }
         use vdsync_sys::Errno;
-        match group.ignore_entries(created.fsid, &created.dir, &created.name) {
-            Ok(()) => self.placed += 1,
+        match group.ignore_entries(target.fsid, &target.dir, &target.name) {
+            Ok(()) => {
+                self.placed += 1;
+                if itself {
+                    self.never_pushed.insert((target.fsid, target.dir.clone()));
+                }
+            }
             // Gone or replaced since: nothing to ignore. Whatever is at that name
             // now came there with an event of its own.
             Err(err) if matches!(vdsync_sys::errno(&err), Some(Errno::NOENT | Errno::NOTDIR)) => {}
@@ -816,8 +872,8 @@ impl Ignores {
                 self.unsupported = true;
             }
             Err(err) => {
-                let name = String::from_utf8_lossy(&created.name);
-                tracing::debug!(%name, error = %err, "a new directory's entries cannot be ignored");
+                let name = String::from_utf8_lossy(&target.name);
+                tracing::debug!(%name, error = %err, "a directory's entries cannot be ignored");
             }
         }
     }
@@ -826,6 +882,7 @@ impl Ignores {
         if self.placed > 0 {
             group.forget_ignores()?;
             self.placed = 0;
+            self.never_pushed.clear();
         }
         Ok(())
     }
@@ -850,16 +907,19 @@ struct Resolver {
 }
 
 impl Resolver {
-    /// Adds the marks for `event` to `seen`, and returns the entry of the directory
-    /// it created, if it did: that one is marked with everything below it. An error is the
-    /// reason the whole root must be rescanned instead.
+    /// Adds the marks for `event` to `seen`, and to `ignorable` the directories whose
+    /// entries the kernel may ignore from now on (see [`Ignores`]): the one it
+    /// created (marked with everything below it), and those it happened in that
+    /// nothing is pushed from. An error is the reason the whole root must be
+    /// rescanned instead.
     fn marks_for(
         &mut self,
         group: &Fanotify,
         context: &Context<'_>,
         event: &fanotify::Event,
         seen: &mut Seen,
-    ) -> Result<Option<fanotify::DirEntryName>, String> {
+        ignorable: &mut Vec<IgnoreTarget>,
+    ) -> Result<(), String> {
         let directory_moved = event.is_dir()
             && event.mask
                 & (fanotify::FAN_RENAME
@@ -870,7 +930,6 @@ impl Resolver {
         let deleted = event.mask & fanotify::FAN_DELETE != 0;
         let created_directory =
             event.is_dir() && event.mask & fanotify::FAN_CREATE != 0 && !directory_moved;
-        let mut created = None;
         for name in &event.names {
             let key = (name.fsid, name.dir.clone());
             let directory = match self.cache.get(&key) {
@@ -897,6 +956,13 @@ impl Resolver {
                     }
                 },
             };
+            if context.never_pushed(&directory) {
+                ignorable.push(IgnoreTarget {
+                    fsid: name.fsid,
+                    dir: name.dir.clone(),
+                    name: b".".to_vec(),
+                });
+            }
             let full = if name.name == b"." {
                 directory
             } else {
@@ -917,14 +983,18 @@ impl Resolver {
             };
             seen.mark(path, mark);
             if created_directory {
-                created = Some(name.clone());
+                ignorable.push(IgnoreTarget {
+                    fsid: name.fsid,
+                    dir: name.dir.clone(),
+                    name: name.name.clone(),
+                });
             }
         }
         if directory_moved {
             // Every cached path below the moved directory is now wrong.
             self.cache.clear();
         }
-        Ok(created)
+        Ok(())
     }
 }
 
