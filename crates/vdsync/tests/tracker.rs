@@ -157,6 +157,14 @@ impl Lab {
         String::from_utf8_lossy(&output.stdout).into_owned()
     }
 
+    /// Pushes, checks that the push read the journal (no full scan), and returns
+    /// the parsed JSON report.
+    fn push_from_journal(&self) -> serde_json::Value {
+        let pushed = self.push();
+        assert_eq!(pushed["source"]["mode"], "journal", "{pushed}");
+        pushed
+    }
+
     /// Pushes and returns the parsed JSON report.
     fn push(&self) -> serde_json::Value {
         let out = self.push_ok();
@@ -273,8 +281,7 @@ fn every_kind_of_change_is_seen_and_pushed_from_the_journal(watcher: Watcher) {
             ("deleted", "var/www"),
         ]),
     );
-    let pushed = lab.push();
-    assert_eq!(pushed["source"]["mode"], "journal", "{pushed}");
+    let pushed = lab.push_from_journal();
     assert_eq!(pushed["version"], 1);
     lab.agent_matches_dev();
     assert_eq!(lab.status(), pairs(&[]));
@@ -316,9 +323,8 @@ fn a_change_saved_just_before_push_is_never_left_out(watcher: Watcher) {
         std::fs::write(lab.dev.join("page.html"), format!("v{round}")).unwrap();
         std::fs::write(lab.dev.join(format!("added-{round}")), "x").unwrap();
         // No wait of any kind: the push's fence must cover these writes.
-        let pushed = lab.push();
+        let pushed = lab.push_from_journal();
         assert_eq!(pushed["version"], round, "{pushed}");
-        assert_eq!(pushed["source"]["mode"], "journal", "{pushed}");
         assert_eq!(pushed["files"], 2, "round {round}: {pushed}");
     }
     lab.agent_matches_dev();
@@ -337,8 +343,7 @@ fn a_write_storm_loses_nothing(watcher: Watcher) {
     for file in (0..2000).step_by(7) {
         std::fs::remove_file(lab.dev.join(format!("storm/f{file}"))).unwrap();
     }
-    let pushed = lab.push();
-    assert_eq!(pushed["source"]["mode"], "journal", "{pushed}");
+    let pushed = lab.push_from_journal();
     lab.agent_matches_dev();
 }
 
@@ -348,8 +353,7 @@ fn a_write_storm_loses_nothing(watcher: Watcher) {
 fn the_index_passes_between_the_tracker_and_full_scans(watcher: Watcher) {
     let lab = Lab::new(watcher, |dev| std::fs::write(dev.join("a"), "v0").unwrap());
     std::fs::write(lab.dev.join("a"), "v1").unwrap();
-    let pushed = lab.push();
-    assert_eq!(pushed["source"]["mode"], "journal", "{pushed}");
+    let pushed = lab.push_from_journal();
     assert_eq!(pushed["version"], 1, "{pushed}");
 
     std::fs::write(lab.dev.join("b"), "new").unwrap();
@@ -365,8 +369,7 @@ fn the_index_passes_between_the_tracker_and_full_scans(watcher: Watcher) {
     let report = lab.status_json();
     assert_eq!(report["pushed_version"], 2, "{report}");
     assert_eq!(lab.status(), pairs(&[("modified", "a")]));
-    let pushed = lab.push();
-    assert_eq!(pushed["source"]["mode"], "journal", "{pushed}");
+    let pushed = lab.push_from_journal();
     assert_eq!(pushed["version"], 3, "{pushed}");
     assert_eq!(pushed["files"], 1, "{pushed}");
     assert_eq!(lab.status(), pairs(&[]));
@@ -486,8 +489,7 @@ fn file_systems_mounted_below_the_root_are_tracked(watcher: Watcher) {
             ("new", "top"),
         ])
     );
-    let pushed = lab.push();
-    assert_eq!(pushed["source"]["mode"], "journal", "{pushed}");
+    let pushed = lab.push_from_journal();
     lab.agent_matches_dev();
 }
 
@@ -512,8 +514,7 @@ fn a_file_system_mounted_or_unmounted_while_tracking_is_seen(watcher: Watcher) {
     // And events inside it are seen from now on.
     std::fs::create_dir(late.path.join("sub")).unwrap();
     std::fs::write(late.path.join("sub/file"), "2").unwrap();
-    let pushed = lab.push();
-    assert_eq!(pushed["source"]["mode"], "journal", "{pushed}");
+    let pushed = lab.push_from_journal();
     lab.agent_matches_dev();
     std::fs::write(late.path.join("sub/file"), "3").unwrap();
     assert_eq!(lab.status(), pairs(&[("modified", "late/sub/file")]));
@@ -564,8 +565,7 @@ fn a_new_directory_is_pushed_whole_and_watched_again_after_the_push(watcher: Wat
     std::fs::rename(dev.join("kept"), new.join("kept")).unwrap();
     std::fs::write(new.join("leaving"), "leaving").unwrap();
     std::fs::rename(new.join("leaving"), dev.join("old/arrived")).unwrap();
-    let pushed = lab.push();
-    assert_eq!(pushed["source"]["mode"], "journal", "{pushed}");
+    let pushed = lab.push_from_journal();
     lab.agent_matches_dev();
 
     // The push's snapshot lifted the ignores: changes in new/ are reported again.
@@ -630,8 +630,7 @@ fn directories_nothing_is_pushed_from_fall_silent_and_what_leaves_them_is_seen()
             ("new", "sub/inner"),
         ])
     );
-    let pushed = lab.push();
-    assert_eq!(pushed["source"]["mode"], "journal", "{pushed}");
+    let pushed = lab.push_from_journal();
     assert!(!lab.tracker_ignores(&outside), "forgotten at the snapshot");
     // Excluded, so never shipped: out of the comparison.
     std::fs::remove_dir_all(lab.dev.join("tmp")).unwrap();
@@ -677,8 +676,7 @@ fn where_fanotify_is_refused_the_tracker_falls_back_to_inotify_and_loses_nothing
     std::fs::write(lab.dev.join("site/index.html"), "v1").unwrap();
     std::fs::create_dir_all(lab.dev.join("site/new/deeper")).unwrap();
     std::fs::write(lab.dev.join("site/new/deeper/page.html"), "fresh").unwrap();
-    let pushed = lab.push();
-    assert_eq!(pushed["source"]["mode"], "journal", "{pushed}");
+    let pushed = lab.push_from_journal();
     lab.agent_matches_dev();
 }
 
