@@ -337,7 +337,15 @@ pub fn run(
             .as_mut()
             .is_some_and(vdsync_sys::mounts::MountTable::changed)
         {
+            let before = mounts.clone();
             mounts = follow_mounts(&mut watcher, &context, mounts, &mut unwatched, &mut seen);
+            // A directory ignored as never pushed may now be in the tree, through a
+            // mount below the root.
+            if mounts != before {
+                if let Err(reason) = watcher.forget_all_ignores() {
+                    seen.root_reason = Some(reason);
+                }
+            }
         }
 
         // Requests from clients.
@@ -653,12 +661,23 @@ impl Watcher {
         }
     }
 
-    /// Lets every event come again (see [`Ignores`]): called before a snapshot is
-    /// answered, since the push it is for looks at the ignored directories, and
-    /// clears their marks.
+    /// Lets the events of new directories come again (see [`Ignores`]): called
+    /// before a snapshot is answered, since the push it is for looks at those
+    /// directories, and clears their marks.
     fn forget_ignores(&mut self) -> std::io::Result<()> {
         match self {
-            Watcher::Fanotify { group, ignores, .. } => ignores.forget(group),
+            Watcher::Fanotify { group, ignores, .. } => ignores.before_snapshot(group),
+            Watcher::Inotify { .. } => Ok(()),
+        }
+    }
+
+    /// Lets every event come again (see [`Ignores`]): called when the mounts below
+    /// the root changed. An error is the reason the whole root must be rescanned.
+    fn forget_all_ignores(&mut self) -> Result<(), String> {
+        match self {
+            Watcher::Fanotify { group, ignores, .. } => ignores
+                .forget_all(group)
+                .map_err(|err| format!("ignore marks could not be removed ({err})")),
             Watcher::Inotify { .. } => Ok(()),
         }
     }
@@ -666,7 +685,7 @@ impl Watcher {
     /// How many ignore marks are in place.
     fn ignores_placed(&self) -> usize {
         match self {
-            Watcher::Fanotify { ignores, .. } => ignores.placed,
+            Watcher::Fanotify { ignores, .. } => ignores.placed(),
             Watcher::Inotify { .. } => 0,
         }
     }
@@ -713,6 +732,12 @@ impl Watcher {
                     }
                     for target in &ignorable {
                         ignores.add(group, target);
+                    }
+                    if event.is_dir() && event.mask & DIRECTORY_MOVES != 0 {
+                        if let Err(err) = ignores.forget_all(group) {
+                            seen.root_reason =
+                                Some(format!("ignore marks could not be removed ({err})"));
+                        }
                     }
                 }
             }
@@ -813,19 +838,26 @@ fn unwatched_reason(mount: &Path, error: &str) -> String {
 /// makes on it, and every writer pays for the events. After its first event such a
 /// directory falls silent, but for its subdirectories and what moves out of it.
 ///
-/// The ignores must end before a push reads the journal: a snapshot forgets them
-/// all first ([`Watcher::forget_ignores`]); every change after that has its event
-/// again, and every change before it lies under a `Subtree` mark the push scans
-/// (a directory moved into the root, or out of an excluded name, is reported, since
-/// events about directories are never ignored, and marked `Subtree`). A mark placed
-/// for an event read after the snapshot's fence covers a `Subtree` mark of a later
-/// batch, which that push does not clear.
+/// A new directory's ignore must end before a push reads the journal: a snapshot
+/// forgets them all first ([`Watcher::forget_ignores`]); every change after that
+/// has its event again, and every change before it lies under a `Subtree` mark the
+/// push scans. A mark placed for an event read after the snapshot's fence covers a
+/// `Subtree` mark of a later batch, which that push does not clear.
+///
+/// A never-pushed directory's ignore may outlive snapshots: it stays right for as
+/// long as no directory moves and no mount below the root comes or goes (the root
+/// and the excludes do not change while the tracker runs). Events about directories
+/// are never ignored, so every directory move is read, and every one forgets all
+/// the ignores, as does a change of the mounts below the root; a directory that moved into the
+/// tree is marked `Subtree` by that same event, which covers what changed in it
+/// before the ignores were forgotten. (`FAN_MARK_FLUSH` removes all marks or none,
+/// so a snapshot after new directories were ignored forgets these too.)
 #[derive(Default)]
 struct Ignores {
-    /// Marks placed since they were last forgotten.
-    placed: usize,
-    /// The directories among them ignored as never pushed, so that the events
-    /// queued before their mark do not place it again.
+    /// Marks placed on directories created since they were last forgotten.
+    created: usize,
+    /// The directories ignored as never pushed (so that the events queued before
+    /// their mark do not place it again).
     never_pushed: HashSet<(Fsid, FileHandle)>,
     /// The kernel refused them (before Linux 6.0): not tried again.
     unsupported: bool,
@@ -844,8 +876,13 @@ struct IgnoreTarget {
 const IGNORE_LIMIT: usize = 16_384;
 
 impl Ignores {
+    /// How many marks are in place.
+    fn placed(&self) -> usize {
+        self.created + self.never_pushed.len()
+    }
+
     fn add(&mut self, group: &Fanotify, target: &IgnoreTarget) {
-        if self.unsupported || self.placed >= IGNORE_LIMIT {
+        if self.unsupported || self.placed() >= IGNORE_LIMIT {
             return;
         }
         let itself = target.name == b".";
@@ -858,12 +895,10 @@ impl Ignores {
         }
         use vdsync_sys::Errno;
         match group.ignore_entries(target.fsid, &target.dir, &target.name) {
-            Ok(()) => {
-                self.placed += 1;
-                if itself {
-                    self.never_pushed.insert((target.fsid, target.dir.clone()));
-                }
+            Ok(()) if itself => {
+                self.never_pushed.insert((target.fsid, target.dir.clone()));
             }
+            Ok(()) => self.created += 1,
             // Gone or replaced since: nothing to ignore. Whatever is at that name
             // now came there with an event of its own.
             Err(err) if matches!(vdsync_sys::errno(&err), Some(Errno::NOENT | Errno::NOTDIR)) => {}
@@ -878,10 +913,21 @@ impl Ignores {
         }
     }
 
-    fn forget(&mut self, group: &Fanotify) -> std::io::Result<()> {
-        if self.placed > 0 {
+    /// Before a snapshot is answered: the new directories' marks go, and with
+    /// them (`FAN_MARK_FLUSH` takes all) the never-pushed ones.
+    fn before_snapshot(&mut self, group: &Fanotify) -> std::io::Result<()> {
+        if self.created > 0 {
+            self.forget_all(group)?;
+        }
+        Ok(())
+    }
+
+    /// After a directory moved or the mount table changed: a directory ignored as
+    /// never pushed may now be in the tree.
+    fn forget_all(&mut self, group: &Fanotify) -> std::io::Result<()> {
+        if self.placed() > 0 {
             group.forget_ignores()?;
-            self.placed = 0;
+            self.created = 0;
             self.never_pushed.clear();
         }
         Ok(())
@@ -920,13 +966,7 @@ impl Resolver {
         seen: &mut Seen,
         ignorable: &mut Vec<IgnoreTarget>,
     ) -> Result<(), String> {
-        let directory_moved = event.is_dir()
-            && event.mask
-                & (fanotify::FAN_RENAME
-                    | fanotify::FAN_MOVED_FROM
-                    | fanotify::FAN_MOVED_TO
-                    | fanotify::FAN_MOVE_SELF)
-                != 0;
+        let directory_moved = event.is_dir() && event.mask & DIRECTORY_MOVES != 0;
         let deleted = event.mask & fanotify::FAN_DELETE != 0;
         let created_directory =
             event.is_dir() && event.mask & fanotify::FAN_CREATE != 0 && !directory_moved;
@@ -997,6 +1037,12 @@ impl Resolver {
         Ok(())
     }
 }
+
+/// The events that, about a directory, mean it moved.
+const DIRECTORY_MOVES: u64 = fanotify::FAN_RENAME
+    | fanotify::FAN_MOVED_FROM
+    | fanotify::FAN_MOVED_TO
+    | fanotify::FAN_MOVE_SELF;
 
 /// [`Fanotify::resolve`], tried again (up to 3 times, 1 ms apart) after ENOMEM
 /// before the caller gives up and marks the whole root: decoding a directory

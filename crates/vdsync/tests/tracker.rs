@@ -27,6 +27,8 @@ enum Watcher {
 }
 
 struct Lab {
+    /// Unmounted (lazily) before the temporary directory goes.
+    _own_file_system: Option<Mount>,
     _temp: tempfile::TempDir,
     watcher: Watcher,
     /// The tracker's first line.
@@ -43,12 +45,32 @@ impl Lab {
     fn new(watcher: Watcher, initial: impl FnOnce(&Path)) -> Lab {
         let temp = tempdir().unwrap();
         let dir = temp.path().to_path_buf();
+        Lab::build(temp, None, dir, watcher, initial)
+    }
+
+    /// A lab on an ext4 file system of its own, so that its tracker hears no other
+    /// test's changes (their directory moves make it forget its ignore marks).
+    fn on_own_file_system(watcher: Watcher, initial: impl FnOnce(&Path)) -> Lab {
+        let temp = tempdir().unwrap();
+        let dir = temp.path().join("fs");
+        let mount = Mount::ext4_image(&temp.path().join("fs.img"), 64, &dir);
+        Lab::build(temp, Some(mount), dir, watcher, initial)
+    }
+
+    fn build(
+        temp: tempfile::TempDir,
+        own_file_system: Option<Mount>,
+        dir: PathBuf,
+        watcher: Watcher,
+        initial: impl FnOnce(&Path),
+    ) -> Lab {
         let dev = dir.join("dev");
         std::fs::create_dir(&dev).unwrap();
         initial(&dev);
         let vdsync = vdsync();
         let repo = TestRepo::start(&vdsync, &dir, &dev);
         let mut lab = Lab {
+            _own_file_system: own_file_system,
             _temp: temp,
             watcher,
             tracker_said: String::new(),
@@ -592,12 +614,13 @@ fn a_new_directory_is_pushed_whole_and_watched_again_after_the_push(watcher: Wat
 
 /// The fanotify tracker's mark covers the whole file system, so it hears everyone's
 /// changes; a directory nothing is pushed from (outside the root, or excluded) falls
-/// silent after its first event. What moves from such a directory into the tree must
-/// still be seen, and the state directory (where the fences are made) never falls
-/// silent: every push below needs its fence.
+/// silent after its first event, across pushes. What moves from such a directory
+/// into the tree must still be seen, the directory itself moved in too, and the
+/// state directory (where the fences are made) never falls silent: every push
+/// below needs its fence.
 #[test]
 fn directories_nothing_is_pushed_from_fall_silent_and_what_leaves_them_is_seen() {
-    let lab = Lab::new(Watcher::Fanotify, |dev| {
+    let lab = Lab::on_own_file_system(Watcher::Fanotify, |dev| {
         std::fs::create_dir(dev.join("tmp")).unwrap(); // excluded by default
     });
     let outside = lab.dir.join("outside");
@@ -631,7 +654,43 @@ fn directories_nothing_is_pushed_from_fall_silent_and_what_leaves_them_is_seen()
         ])
     );
     lab.push_from_journal();
-    assert!(!lab.tracker_ignores(&outside), "forgotten at the snapshot");
+
+    // sub/ moved, so every ignore was forgotten. outside/ falls silent again at its
+    // next event, and stays so across a push that saw no directory move and no
+    // new directory.
+    std::fs::write(outside.join("again"), "wakes the tracker").unwrap();
+    wait_until(
+        Duration::from_secs(10),
+        "the tracker's ignore mark on outside/ again",
+        || lab.tracker_ignores(&outside),
+    );
+    std::fs::write(lab.dev.join("arrived"), "changed").unwrap();
+    let pushed = lab.push_from_journal();
+    assert_eq!(pushed["files"], 1, "{pushed}");
+    assert!(lab.tracker_ignores(&outside), "kept across the snapshot");
+
+    // The ignored directory itself moves into the tree: the move is reported (it
+    // is about a directory), every ignore is forgotten, and what changed in it
+    // before and after is pushed.
+    std::fs::write(outside.join("before-the-move"), "silent").unwrap();
+    std::fs::rename(&outside, lab.dev.join("moved-in")).unwrap();
+    wait_until(
+        Duration::from_secs(10),
+        "the tracker to forget its ignore marks after a directory moved",
+        || !lab.tracker_ignores(&lab.dev.join("moved-in")),
+    );
+    std::fs::write(lab.dev.join("moved-in/after-the-move"), "heard").unwrap();
+    assert_eq!(
+        lab.status(),
+        pairs(&[
+            ("new", "moved-in"),
+            ("new", "moved-in/after-the-move"),
+            ("new", "moved-in/again"),
+            ("new", "moved-in/before-the-move"),
+            ("new", "moved-in/first"),
+        ])
+    );
+    lab.push_from_journal();
     // Excluded, so never shipped: out of the comparison.
     std::fs::remove_dir_all(lab.dev.join("tmp")).unwrap();
     lab.agent_matches_dev();
