@@ -823,7 +823,8 @@ fn unwatched_reason(mount: &Path, error: &str) -> String {
     )
 }
 
-/// Directories whose entries' events the kernel drops until the next snapshot.
+/// Directories whose entries' events the kernel drops: new ones until the next
+/// snapshot, those nothing is pushed from until a directory moves.
 ///
 /// A directory created since the last snapshot is marked `Subtree`: the push looks
 /// at all of it. So the events of the files written into it (`tar -x`, `git clone`,
@@ -846,12 +847,13 @@ fn unwatched_reason(mount: &Path, error: &str) -> String {
 ///
 /// A never-pushed directory's ignore may outlive snapshots: it stays right for as
 /// long as no directory moves and no mount below the root comes or goes (the root
-/// and the excludes do not change while the tracker runs). Events about directories
-/// are never ignored, so every directory move is read, and every one forgets all
-/// the ignores, as does a change of the mounts below the root; a directory that moved into the
-/// tree is marked `Subtree` by that same event, which covers what changed in it
-/// before the ignores were forgotten. (`FAN_MARK_FLUSH` removes all marks or none,
-/// so a snapshot after new directories were ignored forgets these too.)
+/// and the excludes do not change while the tracker runs). Events about
+/// directories are never ignored, so every directory move is read, and every one
+/// forgets all the ignores, as does a change of the mounts below the root; a
+/// directory that moved into the tree is marked `Subtree` by that same event, which
+/// covers what changed in it before the ignores were forgotten. (`FAN_MARK_FLUSH`
+/// removes all marks or none, so a snapshot after new directories were ignored
+/// forgets these too.)
 #[derive(Default)]
 struct Ignores {
     /// Marks placed on directories created since they were last forgotten.
@@ -922,8 +924,8 @@ impl Ignores {
         Ok(())
     }
 
-    /// After a directory moved or the mount table changed: a directory ignored as
-    /// never pushed may now be in the tree.
+    /// After a directory moved or the mounts below the root changed: a directory
+    /// ignored as never pushed may now be in the tree.
     fn forget_all(&mut self, group: &Fanotify) -> std::io::Result<()> {
         if self.placed() > 0 {
             group.forget_ignores()?;
