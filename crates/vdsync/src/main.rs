@@ -134,9 +134,10 @@ struct TrackArgs {
     #[arg(long, value_name = "DIR", default_value = DEV_STATE)]
     state: PathBuf,
     /// How to watch: fanotify (one mark per whole file system, the root's and
-    /// those mounted below it; needs
-    /// CAP_SYS_ADMIN and file handles), inotify (a watch per directory), or auto
-    /// (fanotify, else inotify)
+    /// those mounted below it; needs CAP_SYS_ADMIN and file handles; the kernel is
+    /// told to drop the events of files in directories made since the last push,
+    /// which the push scans whole, and in directories nothing is pushed from),
+    /// inotify (a watch per directory), or auto (fanotify, else inotify)
     #[arg(long, value_enum, default_value = "auto")]
     watcher: WatcherArg,
     #[command(flatten)]
