@@ -681,23 +681,20 @@ pub fn tracker_overhead(repetitions: usize) -> Result<()> {
                     );
                     with_tracker.push(run);
                 }
-                Watching::Dispatch => {
-                    let untar = untar_with_floor(&floor, true, &archive, &target, &log)?;
+                Watching::Dispatch | Watching::Floor => {
+                    let ignore_all = matches!(watching, Watching::Dispatch);
+                    let untar = untar_with_floor(&floor, ignore_all, &archive, &target, &log)?;
+                    let (label, runs) = if ignore_all {
+                        ("all events ignored", &mut with_dispatch)
+                    } else {
+                        ("with fanotify_floor", &mut with_floor)
+                    };
                     println!(
-                        "    round {repetition}/{repetitions}: all events ignored    tar -xf {} (tar's CPU {})",
+                        "    round {repetition}/{repetitions}: {label:<22} tar -xf {} (tar's CPU {})",
                         seconds(untar.wall),
                         seconds(untar.cpu)
                     );
-                    with_dispatch.push(untar);
-                }
-                Watching::Floor => {
-                    let untar = untar_with_floor(&floor, false, &archive, &target, &log)?;
-                    println!(
-                        "    round {repetition}/{repetitions}: with fanotify_floor    tar -xf {} (tar's CPU {})",
-                        seconds(untar.wall),
-                        seconds(untar.cpu)
-                    );
-                    with_floor.push(untar);
+                    runs.push(untar);
                 }
                 Watching::Nothing => {
                     sync_file_systems()?;

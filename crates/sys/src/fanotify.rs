@@ -11,7 +11,7 @@
 //! through `libc` directly; parsing the event buffer is safe code over bytes.
 
 use std::collections::HashMap;
-use std::ffi::{CString, OsStr};
+use std::ffi::{CStr, CString, OsStr};
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
@@ -131,6 +131,12 @@ fn check(result: libc::c_int) -> io::Result<libc::c_int> {
     }
 }
 
+/// `bytes` (a path or a name) for a system call.
+fn c_string(bytes: &[u8]) -> io::Result<CString> {
+    CString::new(bytes)
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "a path or name contains NUL"))
+}
+
 impl Fanotify {
     /// Creates the group and marks the whole file system holding `path`.
     /// Fails with `EPERM` without CAP_SYS_ADMIN and with `EXDEV`/`ENODEV`/`EOPNOTSUPP`
@@ -158,19 +164,12 @@ impl Fanotify {
         if self.mounts.contains_key(&fsid) {
             return Ok(false);
         }
-        let c_path = CString::new(path.as_os_str().as_bytes())
-            .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "path contains NUL"))?;
-        // SAFETY: `fd` is a fanotify group, `c_path` is a NUL-terminated path that
-        // outlives the call.
-        check(unsafe {
-            libc::fanotify_mark(
-                self.fd.as_raw_fd(),
-                libc::FAN_MARK_ADD | libc::FAN_MARK_FILESYSTEM,
-                TRACKED_EVENTS,
-                libc::AT_FDCWD,
-                c_path.as_ptr(),
-            )
-        })?;
+        self.mark(
+            libc::FAN_MARK_ADD | libc::FAN_MARK_FILESYSTEM,
+            TRACKED_EVENTS,
+            libc::AT_FDCWD,
+            Some(&c_string(path.as_os_str().as_bytes())?),
+        )?;
         self.mounts.insert(fsid, path.to_path_buf());
         Ok(true)
     }
@@ -195,24 +194,16 @@ impl Fanotify {
     /// (`FAN_MARK_IGNORE`); older kernels fail with `EINVAL`.
     pub fn ignore_entries(&self, fsid: Fsid, handle: &FileHandle, name: &[u8]) -> io::Result<()> {
         let parent = self.open_handle(fsid, handle)?;
-        let c_name = CString::new(name)
-            .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "name contains NUL"))?;
-        // SAFETY: `fd` is a fanotify group, `parent` an open directory and `c_name` a
-        // NUL-terminated name, all outliving the call.
-        check(unsafe {
-            libc::fanotify_mark(
-                self.fd.as_raw_fd(),
-                libc::FAN_MARK_ADD
-                    | libc::FAN_MARK_IGNORE_SURV
-                    | libc::FAN_MARK_EVICTABLE
-                    | libc::FAN_MARK_DONT_FOLLOW
-                    | libc::FAN_MARK_ONLYDIR,
-                ENTRY_EVENTS_IGNORED,
-                parent.as_raw_fd(),
-                c_name.as_ptr(),
-            )
-        })?;
-        Ok(())
+        self.mark(
+            libc::FAN_MARK_ADD
+                | libc::FAN_MARK_IGNORE_SURV
+                | libc::FAN_MARK_EVICTABLE
+                | libc::FAN_MARK_DONT_FOLLOW
+                | libc::FAN_MARK_ONLYDIR,
+            ENTRY_EVENTS_IGNORED,
+            parent.as_raw_fd(),
+            Some(&c_string(name)?),
+        )
     }
 
     /// Ignores every tracked event on the whole file system holding `path`, which
@@ -220,36 +211,34 @@ impl Fanotify {
     /// the file-system mark costs each change before any event is made (the
     /// `fanotify_floor --ignore-all` example).
     pub fn ignore_file_system(&self, path: &Path) -> io::Result<()> {
-        let c_path = CString::new(path.as_os_str().as_bytes())
-            .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "path contains NUL"))?;
-        // SAFETY: `fd` is a fanotify group, `c_path` is a NUL-terminated path that
-        // outlives the call.
-        check(unsafe {
-            libc::fanotify_mark(
-                self.fd.as_raw_fd(),
-                libc::FAN_MARK_ADD | libc::FAN_MARK_FILESYSTEM | libc::FAN_MARK_IGNORE_SURV,
-                TRACKED_EVENTS,
-                libc::AT_FDCWD,
-                c_path.as_ptr(),
-            )
-        })?;
-        Ok(())
+        self.mark(
+            libc::FAN_MARK_ADD | libc::FAN_MARK_FILESYSTEM | libc::FAN_MARK_IGNORE_SURV,
+            TRACKED_EVENTS,
+            libc::AT_FDCWD,
+            Some(&c_string(path.as_os_str().as_bytes())?),
+        )
     }
 
     /// Removes every mark set by [`Fanotify::ignore_entries`]: all their events come
     /// again from now on. (The file system marks stay.)
     pub fn forget_ignores(&self) -> io::Result<()> {
-        // SAFETY: `fd` is a fanotify group; FAN_MARK_FLUSH without a path removes
-        // the group's inode marks and reads no pointer.
-        check(unsafe {
-            libc::fanotify_mark(
-                self.fd.as_raw_fd(),
-                libc::FAN_MARK_FLUSH,
-                0,
-                libc::AT_FDCWD,
-                std::ptr::null(),
-            )
-        })?;
+        // Without FAN_MARK_MOUNT or FAN_MARK_FILESYSTEM: the inode marks.
+        self.mark(libc::FAN_MARK_FLUSH, 0, libc::AT_FDCWD, None)
+    }
+
+    /// `fanotify_mark` on this group: the object is `name` relative to the
+    /// directory `dir` (or `AT_FDCWD`); no name only with `FAN_MARK_FLUSH`.
+    fn mark(
+        &self,
+        flags: libc::c_uint,
+        mask: u64,
+        dir: libc::c_int,
+        name: Option<&CStr>,
+    ) -> io::Result<()> {
+        let name = name.map_or(std::ptr::null(), CStr::as_ptr);
+        // SAFETY: `fd` is a fanotify group, `dir` a descriptor (or AT_FDCWD) and
+        // `name` null or a NUL-terminated string, all outliving the call.
+        check(unsafe { libc::fanotify_mark(self.fd.as_raw_fd(), flags, mask, dir, name) })?;
         Ok(())
     }
 
@@ -337,9 +326,7 @@ impl Fanotify {
     /// The handle of the directory at `path` (to recognise events in it without
     /// resolving them, e.g. a fence file).
     pub fn handle_of(path: &Path) -> io::Result<FileHandle> {
-        let c_path = CString::new(path.as_os_str().as_bytes())
-            .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "path contains NUL"))?;
-        handle_at(libc::AT_FDCWD, &c_path, 0)
+        handle_at(libc::AT_FDCWD, &c_string(path.as_os_str().as_bytes())?, 0)
     }
 }
 
@@ -350,16 +337,10 @@ pub fn handle_of_fd(fd: BorrowedFd<'_>) -> io::Result<FileHandle> {
 
 /// The handle of `name` in the directory `dir`, not following a final symlink.
 pub fn handle_of_entry(dir: BorrowedFd<'_>, name: &[u8]) -> io::Result<FileHandle> {
-    let c_name = CString::new(name)
-        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "name contains NUL"))?;
-    handle_at(dir.as_raw_fd(), &c_name, 0)
+    handle_at(dir.as_raw_fd(), &c_string(name)?, 0)
 }
 
-fn handle_at(
-    dir: libc::c_int,
-    path: &std::ffi::CStr,
-    flags: libc::c_int,
-) -> io::Result<FileHandle> {
+fn handle_at(dir: libc::c_int, path: &CStr, flags: libc::c_int) -> io::Result<FileHandle> {
     const MAX_HANDLE_SZ: usize = 128;
     let header = std::mem::size_of::<libc::file_handle>();
     let mut storage = vec![0u32; (header + MAX_HANDLE_SZ).div_ceil(4)];

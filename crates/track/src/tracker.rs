@@ -389,22 +389,20 @@ pub fn run(
         }
         if fence_due {
             tracing::debug!(fence = seen.fence, "tracker: fence read");
-            let snapshot = match watcher.forget_ignores() {
-                Ok(()) => journal.snapshot(SNAPSHOT_MARK_LIMIT),
-                // Changes in the ignored directories would go unseen after this
-                // push clears their marks: no snapshot.
-                Err(source) => Err(TrackError::Watch {
-                    path: root.clone(),
-                    source,
-                }),
-            };
+            // Changes in the ignored directories would go unseen after this push
+            // clears their marks: no snapshot if the ignores cannot go.
+            let snapshot = watcher.before_snapshot().and_then(|()| {
+                journal
+                    .snapshot(SNAPSHOT_MARK_LIMIT)
+                    .map_err(|err| vdsync_proto::display::error_chain(&err))
+            });
             fences.retain(|(number, _, reply)| {
                 if *number > seen.fence {
                     return true;
                 }
                 let answer = match &snapshot {
                     Ok(snapshot) => Response::Snapshot(snapshot.clone()),
-                    Err(err) => Response::Error(vdsync_proto::display::error_chain(err)),
+                    Err(message) => Response::Error(message.clone()),
                 };
                 let _ = reply.send(answer);
                 false
@@ -663,8 +661,9 @@ impl Watcher {
 
     /// Lets the events of new directories come again (see [`Ignores`]): called
     /// before a snapshot is answered, since the push it is for looks at those
-    /// directories, and clears their marks.
-    fn forget_ignores(&mut self) -> std::io::Result<()> {
+    /// directories, and clears their marks. An error is the reason no snapshot can
+    /// be answered.
+    fn before_snapshot(&mut self) -> Result<(), String> {
         match self {
             Watcher::Fanotify { group, ignores, .. } => ignores.before_snapshot(group),
             Watcher::Inotify { .. } => Ok(()),
@@ -675,9 +674,7 @@ impl Watcher {
     /// the root changed. An error is the reason the whole root must be rescanned.
     fn forget_all_ignores(&mut self) -> Result<(), String> {
         match self {
-            Watcher::Fanotify { group, ignores, .. } => ignores
-                .forget_all(group)
-                .map_err(|err| format!("ignore marks could not be removed ({err})")),
+            Watcher::Fanotify { group, ignores, .. } => ignores.forget_all(group),
             Watcher::Inotify { .. } => Ok(()),
         }
     }
@@ -733,10 +730,9 @@ impl Watcher {
                     for target in &ignorable {
                         ignores.add(group, target);
                     }
-                    if event.is_dir() && event.mask & DIRECTORY_MOVES != 0 {
-                        if let Err(err) = ignores.forget_all(group) {
-                            seen.root_reason =
-                                Some(format!("ignore marks could not be removed ({err})"));
+                    if moves_a_directory(event) {
+                        if let Err(reason) = ignores.forget_all(group) {
+                            seen.root_reason = Some(reason);
                         }
                     }
                 }
@@ -840,7 +836,7 @@ fn unwatched_reason(mount: &Path, error: &str) -> String {
 /// directory falls silent, but for its subdirectories and what moves out of it.
 ///
 /// A new directory's ignore must end before a push reads the journal: a snapshot
-/// forgets them all first ([`Watcher::forget_ignores`]); every change after that
+/// forgets them all first ([`Watcher::before_snapshot`]); every change after that
 /// has its event again, and every change before it lies under a `Subtree` mark the
 /// push scans. A mark placed for an event read after the snapshot's fence covers a
 /// `Subtree` mark of a later batch, which that push does not clear.
@@ -917,7 +913,7 @@ impl Ignores {
 
     /// Before a snapshot is answered: the new directories' marks go, and with
     /// them (`FAN_MARK_FLUSH` takes all) the never-pushed ones.
-    fn before_snapshot(&mut self, group: &Fanotify) -> std::io::Result<()> {
+    fn before_snapshot(&mut self, group: &Fanotify) -> Result<(), String> {
         if self.created > 0 {
             self.forget_all(group)?;
         }
@@ -925,10 +921,13 @@ impl Ignores {
     }
 
     /// After a directory moved or the mounts below the root changed: a directory
-    /// ignored as never pushed may now be in the tree.
-    fn forget_all(&mut self, group: &Fanotify) -> std::io::Result<()> {
+    /// ignored as never pushed may now be in the tree. An error is the reason the
+    /// whole root must be rescanned.
+    fn forget_all(&mut self, group: &Fanotify) -> Result<(), String> {
         if self.placed() > 0 {
-            group.forget_ignores()?;
+            group
+                .forget_ignores()
+                .map_err(|err| format!("ignore marks could not be removed ({err})"))?;
             self.created = 0;
             self.never_pushed.clear();
         }
@@ -968,7 +967,7 @@ impl Resolver {
         seen: &mut Seen,
         ignorable: &mut Vec<IgnoreTarget>,
     ) -> Result<(), String> {
-        let directory_moved = event.is_dir() && event.mask & DIRECTORY_MOVES != 0;
+        let directory_moved = moves_a_directory(event);
         let deleted = event.mask & fanotify::FAN_DELETE != 0;
         let created_directory =
             event.is_dir() && event.mask & fanotify::FAN_CREATE != 0 && !directory_moved;
@@ -1040,11 +1039,16 @@ impl Resolver {
     }
 }
 
-/// The events that, about a directory, mean it moved.
-const DIRECTORY_MOVES: u64 = fanotify::FAN_RENAME
-    | fanotify::FAN_MOVED_FROM
-    | fanotify::FAN_MOVED_TO
-    | fanotify::FAN_MOVE_SELF;
+/// Whether `event` is a directory moving (renamed, moved in or out).
+fn moves_a_directory(event: &fanotify::Event) -> bool {
+    event.is_dir()
+        && event.mask
+            & (fanotify::FAN_RENAME
+                | fanotify::FAN_MOVED_FROM
+                | fanotify::FAN_MOVED_TO
+                | fanotify::FAN_MOVE_SELF)
+            != 0
+}
 
 /// [`Fanotify::resolve`], tried again (up to 3 times, 1 ms apart) after ENOMEM
 /// before the caller gives up and marks the whole root: decoding a directory
