@@ -437,10 +437,12 @@ fn push(args: PushArgs) -> Result<()> {
         bail!("--root {} is not a directory", args.root.display());
     }
     tracing::debug!("push: started");
-    // First, so that the tracker's fence and opening the index overlap what follows.
+    // The HTTP client is built on a thread of its own, and the tracker makes its
+    // fence and snapshot in its own process: both are begun first, so that they
+    // overlap compiling the excludes and each other.
+    let client = vdsync_client::Client::new(&args.repo)?;
     let start = vdsync_track::PushStart::begin(&args.state, args.rescan)?;
     let excludes = excludes_for(&args.excludes, &args.root, Some(&args.state))?;
-    let client = vdsync_client::Client::new(&args.repo)?;
     let progress: Option<Arc<dyn vdsync_track::Progress>> = if std::io::stderr().is_terminal()
         && !args.json
         && !args.dry_run
