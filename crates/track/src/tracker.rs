@@ -30,7 +30,7 @@ use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -1078,18 +1078,70 @@ struct Clients {
     index: Arc<IndexSlot>,
 }
 
+/// Threads kept waiting in `accept` on the tracker's socket: a connection wakes
+/// one that reads and answers it, with no thread made per request (a push makes
+/// two). When the last waiting thread takes a connection it starts another first,
+/// so a slow or silent client never holds up the next one; threads beyond this
+/// many end once they have answered.
+const IDLE_CLIENT_THREADS: usize = 2;
+
+/// How long a client may take to send its request line before its connection is
+/// dropped.
+const CLIENT_REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Pause after a failed `accept` before the next.
+const ACCEPT_RETRY: Duration = Duration::from_millis(50);
+
 /// Accepts clients; each connection sends one request line and gets one answer line.
 fn serve_clients(listener: UnixListener, clients: Arc<Clients>) {
-    for stream in listener.incoming() {
-        let Ok(stream) = stream else { continue };
-        let clients = Arc::clone(&clients);
-        std::thread::spawn(move || {
-            let _ = answer_client(stream, &clients);
-        });
+    let pool = Arc::new(ClientPool {
+        listener,
+        clients,
+        waiting: AtomicUsize::new(0),
+    });
+    for _ in 1..IDLE_CLIENT_THREADS {
+        ClientPool::start_thread(&pool);
+    }
+    pool.accept_clients();
+}
+
+struct ClientPool {
+    listener: UnixListener,
+    clients: Arc<Clients>,
+    /// Threads in (or about to enter) `accept`.
+    waiting: AtomicUsize,
+}
+
+impl ClientPool {
+    fn start_thread(pool: &Arc<ClientPool>) {
+        let pool = Arc::clone(pool);
+        std::thread::spawn(move || pool.accept_clients());
+    }
+
+    fn accept_clients(self: &Arc<Self>) {
+        loop {
+            self.waiting.fetch_add(1, Ordering::SeqCst);
+            let accepted = self.listener.accept();
+            let was_last = self.waiting.fetch_sub(1, Ordering::SeqCst) == 1;
+            match accepted {
+                Ok((stream, _)) => {
+                    if was_last {
+                        ClientPool::start_thread(self);
+                    }
+                    let _ = answer_client(stream, &self.clients);
+                }
+                // Out of descriptors, most likely: trying again at once would spin.
+                Err(_) => std::thread::sleep(ACCEPT_RETRY),
+            }
+            if self.waiting.load(Ordering::SeqCst) >= IDLE_CLIENT_THREADS {
+                return;
+            }
+        }
     }
 }
 
 fn answer_client(stream: UnixStream, clients: &Clients) -> std::io::Result<()> {
+    stream.set_read_timeout(Some(CLIENT_REQUEST_TIMEOUT))?;
     let mut reader = BufReader::new(stream.try_clone()?);
     let mut line = String::new();
     reader.read_line(&mut line)?;

@@ -751,6 +751,34 @@ fn where_fanotify_is_refused_the_tracker_falls_back_to_inotify_and_loses_nothing
 /// it). Once the writer stops, a push sends the last state. The upload is small
 /// enough to leave as one buffered body.
 #[test]
+fn clients_that_never_send_a_request_do_not_hold_up_a_push() {
+    use std::os::unix::net::UnixStream;
+
+    let lab = Lab::new(Watcher::Fanotify, |dev| {
+        std::fs::write(dev.join("index.html"), "v0").unwrap();
+    });
+    // More silent connections than the tracker keeps threads waiting for clients.
+    let silent: Vec<UnixStream> = (0..6)
+        .map(|_| UnixStream::connect(lab.state.join("tracker.sock")).unwrap())
+        .collect();
+    std::fs::write(lab.dev.join("index.html"), "v1").unwrap();
+    let pushed = lab.push_from_journal();
+    assert_eq!(pushed["files"], 1, "{pushed}");
+    // Had the push waited for threads held by the silent clients, they would have
+    // been dropped first, after the tracker's 10 s request timeout.
+    for mut connection in silent {
+        connection.set_nonblocking(true).unwrap();
+        let mut byte = [0u8; 1];
+        let read = std::io::Read::read(&mut connection, &mut byte);
+        assert!(
+            matches!(&read, Err(err) if err.kind() == std::io::ErrorKind::WouldBlock),
+            "a silent client's connection was closed (read gave {read:?}) before the push was answered"
+        );
+    }
+    lab.agent_matches_dev();
+}
+
+#[test]
 fn a_file_rewritten_while_it_is_pushed_is_sent_as_it_was_at_one_instant() {
     use std::os::unix::fs::FileExt;
     use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
