@@ -19,7 +19,7 @@ use crate::scan::{scan, scan_paths, Index, IndexEntry};
 use crate::TrackError;
 
 /// How the changes were found.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "mode", rename_all = "snake_case")]
 pub enum Source {
     /// From the journal: only marked paths were read.

@@ -54,6 +54,10 @@ pub enum TrackError {
     },
     #[error("the tracker answered: {0}")]
     Tracker(String),
+    /// A push the tracker made failed; the message is its error, as a push made
+    /// here would have said it.
+    #[error("{0}")]
+    PushedByTracker(String),
     #[error(transparent)]
     Repository(#[from] vdsync_client::ClientError),
 }

@@ -19,9 +19,12 @@ use vdsync_proto::wire::{CommitRequest, VersionInfo};
 use vdsync_proto::{Changeset, Entry, EntryKind, Hash, RepoPath};
 use vdsync_store::SegmentReader;
 
-use crate::changes::{collect, collect_from_journal, Changes, IndexUpdate, Source};
+use crate::changes::{
+    collect, collect_from_journal, Changes, IndexPatch, IndexUpdate, IndexView, Source,
+};
 use crate::excludes::Excludes;
 use crate::index_db::IndexDb;
+use crate::journal::Snapshot;
 use crate::scan::{hash_file, Index};
 use crate::tracker::{request_pushed, request_release_index, ClearRequest, SnapshotRequest};
 use crate::TrackError;
@@ -57,7 +60,9 @@ pub struct PushOptions<'a> {
     pub progress: Option<std::sync::Arc<dyn Progress>>,
 }
 
-#[derive(Debug, Clone, serde::Serialize)]
+/// What a push did. Travels whole from a tracker that made the push
+/// ([`crate::tracker::push_through_tracker`]).
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct PushReport {
     /// The new version, `None` for a dry run or when nothing was pending.
     pub version: Option<u64>,
@@ -70,11 +75,12 @@ pub struct PushReport {
     pub bytes_sent: u64,
     /// Whether the journal or a full scan found the changes.
     pub source: Source,
-    #[serde(skip)]
     pub changeset: Changeset,
     /// Old entries of changed paths, to tell new from modified.
-    #[serde(skip)]
     pub before: BTreeMap<RepoPath, Entry>,
+    /// Whether the tracker made the push (from its journal), not `vdsync push`.
+    #[serde(default)]
+    pub by_tracker: bool,
 }
 
 pub fn index_path(state_dir: &Path) -> PathBuf {
@@ -163,11 +169,64 @@ fn joined(
 
 /// Where the index a push read from lives, which decides how it is written after
 /// the commit.
-enum IndexHandle {
+enum IndexHandle<'a> {
     /// Opened in this process.
     Local(IndexDb),
     /// Held by the tracker, which answered the lookups and writes the update.
     Tracker,
+    /// This process is the tracker.
+    InTracker(&'a dyn TrackerSide),
+}
+
+/// What a push made inside the tracker asks of it.
+pub(crate) trait TrackerSide {
+    /// A fenced snapshot of the journal and the index entries a journal-driven push
+    /// of it reads (`None` when the push must read the index itself).
+    fn snapshot(&self) -> Result<(Snapshot, Option<IndexView>), TrackError>;
+    /// Records a committed push: `patch` to the index as of `version`, then the
+    /// journal cleared up to `sequence`.
+    fn record(
+        &self,
+        sequence: u64,
+        version: Option<u64>,
+        patch: &IndexPatch,
+    ) -> Result<(), TrackError>;
+}
+
+/// A push made by the tracker itself, from its journal and its index. `None` when
+/// the journal cannot drive it (a full scan is due, the index has no push yet, or
+/// the changes are many): the pusher then makes it.
+pub(crate) fn push_in_tracker(
+    client: &Client,
+    options: &PushOptions<'_>,
+    tracker: &dyn TrackerSide,
+) -> Result<Option<PushReport>, TrackError> {
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        let (snapshot, view) = tracker.snapshot()?;
+        let (Some(view), None) = (view, &snapshot.root) else {
+            return Ok(None);
+        };
+        let parent = view.version;
+        let Some(changes) =
+            collect_from_journal(options.root, options.excludes, &view, &snapshot, parent)?
+        else {
+            return Ok(None);
+        };
+        match send(
+            client,
+            options,
+            IndexHandle::InTracker(tracker),
+            changes,
+            parent,
+        ) {
+            Err(TrackError::ChangedDuringPush(path)) if attempt < PUSH_ATTEMPTS => {
+                tracing::warn!(%path, "a file changed while it was uploaded; pushing again");
+            }
+            other => return other.map(Some),
+        }
+    }
 }
 
 /// Imports the repository's head manifest into an index that has none yet (every
@@ -264,7 +323,7 @@ fn push_once(
 fn send(
     client: &Client,
     options: &PushOptions<'_>,
-    index: IndexHandle,
+    index: IndexHandle<'_>,
     changes: Changes,
     head: Option<u64>,
 ) -> Result<PushReport, TrackError> {
@@ -285,6 +344,7 @@ fn send(
         source: changes.source,
         changeset,
         before: changes.before,
+        by_tracker: matches!(index, IndexHandle::InTracker(_)),
     };
     if options.dry_run || report.changeset.is_empty() {
         check_head(client, head)?;
@@ -393,13 +453,23 @@ fn send(
 /// `sequence` (what the push covered), once the repository has acknowledged it.
 fn record(
     state_dir: &Path,
-    index: IndexHandle,
+    index: IndexHandle<'_>,
     update: IndexUpdate,
     sequence: Option<u64>,
     version: Option<u64>,
 ) -> Result<(), TrackError> {
     let index = match index {
         IndexHandle::Local(index) => index,
+        IndexHandle::InTracker(tracker) => {
+            let (IndexUpdate::Patch(patch), Some(sequence)) = (&update, sequence) else {
+                // A journal-driven collection always patches the index and names
+                // the journal's sequence.
+                return Err(TrackError::Tracker(
+                    "a push made by the tracker has no index patch".to_owned(),
+                ));
+            };
+            return tracker.record(sequence, version, patch);
+        }
         IndexHandle::Tracker => {
             // The tracker writes the index and then clears the journal: one round
             // trip, and no database opened or closed here.

@@ -44,6 +44,7 @@ use crate::changes::{IndexPatch, IndexView, JournalLookups};
 use crate::excludes::Excludes;
 use crate::index_db::IndexDb;
 use crate::journal::{Journal, Mark, Snapshot};
+use crate::push::PushReport;
 use crate::TrackError;
 
 /// How long marks wait in memory before they are written as one batch.
@@ -102,6 +103,23 @@ pub enum Request {
     },
     /// Close the index: the client opens it itself (a full scan reads all of it).
     ReleaseIndex,
+    /// Make the push here, from the journal, and answer its report: the tracker
+    /// holds the index, the repository's connection and the compiled excludes
+    /// already, where a `vdsync push` process would build all three first.
+    Push(PushRequest),
+}
+
+/// What `vdsync push` asks a tracker to push (see [`Request::Push`]).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PushRequest {
+    pub root: PathBuf,
+    /// The repository's URL.
+    pub repo: String,
+    pub message: String,
+    /// Exclude patterns, defaults included, as `Excludes::new` takes them.
+    pub excludes: Vec<String>,
+    /// Paths excluded by location (the pusher's state directory).
+    pub excluded_paths: Vec<RepoPath>,
 }
 
 /// The answer (one JSON line).
@@ -119,6 +137,13 @@ pub enum Response {
     Cleared,
     Released,
     Error(String),
+    /// The push was made (or there was nothing to push).
+    Pushed(Box<PushReport>),
+    /// The tracker did not push: a full scan is due or the changes are many (the
+    /// pusher then reads the index itself, with a progress bar), and why.
+    PushYourself(String),
+    /// The push failed; the message is the pusher's error.
+    PushFailed(String),
 }
 
 pub struct TrackOptions<'a> {
@@ -273,6 +298,7 @@ pub fn run(
         fences: AtomicU64::new(0),
         state_dir: state_dir.clone(),
         index: Arc::clone(&index),
+        push_tools: std::sync::Mutex::new(PushTools::default()),
     };
     std::thread::spawn(move || serve_clients(listener, Arc::new(clients)));
     ready(&watcher.description());
@@ -1076,6 +1102,7 @@ struct Clients {
     fences: AtomicU64,
     state_dir: PathBuf,
     index: Arc<IndexSlot>,
+    push_tools: std::sync::Mutex<PushTools>,
 }
 
 /// Threads kept waiting in `accept` on the tracker's socket: a connection wakes
@@ -1196,6 +1223,102 @@ fn answer(clients: &Clients, request: Request) -> Response {
             clients.index.release();
             Response::Released
         }
+        Request::Push(request) => push_here(clients, &request),
+    }
+}
+
+/// What [`Request::Push`] reuses from one push to the next.
+#[derive(Default)]
+struct PushTools {
+    /// The repository's client, by URL: its connection stays open between pushes.
+    client: Option<(String, vdsync_client::Client)>,
+    /// Compiled excludes, by their patterns and paths.
+    excludes: Option<(Vec<String>, Vec<RepoPath>, Excludes)>,
+}
+
+/// Answers [`Request::Push`]. One push at a time: a second waits for the first.
+fn push_here(clients: &Clients, request: &PushRequest) -> Response {
+    let mut tools = clients
+        .push_tools
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    let failed =
+        |err: &dyn std::error::Error| Response::PushFailed(vdsync_proto::display::error_chain(err));
+    if tools
+        .client
+        .as_ref()
+        .is_none_or(|(url, _)| *url != request.repo)
+    {
+        match vdsync_client::Client::new(&request.repo) {
+            Ok(client) => tools.client = Some((request.repo.clone(), client)),
+            Err(err) => return failed(&err),
+        }
+    }
+    let compiled = tools.excludes.as_ref().is_some_and(|(patterns, paths, _)| {
+        *patterns == request.excludes && *paths == request.excluded_paths
+    });
+    if !compiled {
+        match Excludes::new(&request.excludes, request.excluded_paths.clone()) {
+            Ok(excludes) => {
+                tools.excludes = Some((
+                    request.excludes.clone(),
+                    request.excluded_paths.clone(),
+                    excludes,
+                ))
+            }
+            Err(err) => return failed(&err),
+        }
+    }
+    let (Some((_, client)), Some((_, _, excludes))) = (&tools.client, &tools.excludes) else {
+        return Response::PushFailed("the push could not be set up".to_owned());
+    };
+    let options = crate::push::PushOptions {
+        root: &request.root,
+        state_dir: &clients.state_dir,
+        message: request.message.clone(),
+        dry_run: false,
+        rescan: false,
+        excludes,
+        progress: None,
+    };
+    match crate::push::push_in_tracker(client, &options, clients) {
+        Ok(Some(report)) => Response::Pushed(Box::new(report)),
+        Ok(None) => Response::PushYourself("a full scan is due or the changes are many".into()),
+        Err(err) => failed(&err),
+    }
+}
+
+impl crate::push::TrackerSide for Clients {
+    fn snapshot(&self) -> Result<(Snapshot, Option<IndexView>), TrackError> {
+        let fence = self.fences.fetch_add(1, Ordering::Relaxed) + 1;
+        match ask_loop(self, LoopRequest::Snapshot { fence }) {
+            Response::Snapshot(snapshot) => {
+                let view = self.index.view(&snapshot);
+                Ok((snapshot, view))
+            }
+            Response::Error(message) => Err(TrackError::Tracker(message)),
+            _ => Err(TrackError::Tracker("unexpected answer".to_owned())),
+        }
+    }
+
+    fn record(
+        &self,
+        sequence: u64,
+        version: Option<u64>,
+        patch: &IndexPatch,
+    ) -> Result<(), TrackError> {
+        match answer(
+            self,
+            Request::Pushed {
+                sequence,
+                version,
+                patch: patch.clone(),
+            },
+        ) {
+            Response::Cleared => Ok(()),
+            Response::Error(message) => Err(TrackError::Tracker(message)),
+            _ => Err(TrackError::Tracker("unexpected answer".to_owned())),
+        }
     }
 }
 
@@ -1245,9 +1368,7 @@ impl SnapshotRequest {
             Response::Snapshot(snapshot) => Ok((snapshot, None)),
             Response::SnapshotWithIndex { snapshot, index } => Ok((snapshot, index)),
             Response::Error(message) => Err(TrackError::Tracker(message)),
-            Response::Cleared | Response::Released => {
-                Err(TrackError::Tracker("unexpected answer".to_owned()))
-            }
+            _ => Err(TrackError::Tracker("unexpected answer".to_owned())),
         }
     }
 }
@@ -1270,6 +1391,31 @@ pub fn request_pushed(
     match ClearRequest::send(state_dir, &request)? {
         None => Err(TrackError::Tracker("the tracker is gone".to_owned())),
         Some(request) => request.answer(),
+    }
+}
+
+/// Asks a running tracker to make the push (see [`Request::Push`]). `None` when no
+/// tracker runs or it leaves the push to the caller (a full scan, many changes).
+pub fn push_through_tracker(
+    state_dir: &Path,
+    request: PushRequest,
+) -> Result<Option<PushReport>, TrackError> {
+    let Some(connection) = Connection::send(state_dir, &Request::Push(request))? else {
+        return Ok(None);
+    };
+    // The push uploads and commits before it answers: as long as that takes (the
+    // tracker's HTTP client has its own timeouts; a tracker that dies closes the
+    // socket).
+    let _ = connection.stream.set_read_timeout(None);
+    match connection.answer()? {
+        Response::Pushed(report) => Ok(Some(*report)),
+        Response::PushYourself(why) => {
+            tracing::debug!(%why, "push: the tracker left the push to this process");
+            Ok(None)
+        }
+        Response::PushFailed(message) => Err(TrackError::PushedByTracker(message)),
+        Response::Error(message) => Err(TrackError::Tracker(message)),
+        _ => Err(TrackError::Tracker("unexpected answer".to_owned())),
     }
 }
 

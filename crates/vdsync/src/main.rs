@@ -39,6 +39,12 @@ enum Command {
     /// Show the changes not yet pushed, like `git status`
     Status(StatusArgs),
     /// Send the development tree's changes as the next version
+    ///
+    /// With a tracker running on the same --state, the tracker makes a push of the
+    /// changes its journal names itself (it holds the index and the repository's
+    /// connection already) and this command prints its report; a full scan or a
+    /// large push is made here. Without a tracker, the whole tree is compared with
+    /// the last push.
     Push(PushArgs),
     /// Follow the repository and apply every new version to this machine's tree
     Agent(AgentArgs),
@@ -287,6 +293,17 @@ fn excludes_for(
     root: &Path,
     state: Option<&Path>,
 ) -> Result<vdsync_track::Excludes> {
+    let (patterns, prefixes) = exclude_spec(args, root, state)?;
+    Ok(vdsync_track::Excludes::new(&patterns, prefixes)?)
+}
+
+/// The exclude patterns (defaults included) and the paths excluded by location,
+/// before they are compiled.
+fn exclude_spec(
+    args: &ExcludeArgs,
+    root: &Path,
+    state: Option<&Path>,
+) -> Result<(Vec<String>, Vec<vdsync_proto::RepoPath>)> {
     let mut patterns = if args.no_default_excludes {
         Vec::new()
     } else {
@@ -307,7 +324,7 @@ fn excludes_for(
             }
         }
     }
-    Ok(vdsync_track::Excludes::new(&patterns, prefixes)?)
+    Ok((patterns, prefixes))
 }
 
 fn repo_init(args: RepoInitArgs) -> Result<()> {
@@ -437,6 +454,24 @@ fn push(args: PushArgs) -> Result<()> {
         bail!("--root {} is not a directory", args.root.display());
     }
     tracing::debug!("push: started");
+    if !args.rescan && !args.dry_run {
+        // A running tracker pushes from its journal itself: it has the index, the
+        // repository's connection and the excludes ready.
+        let (excludes, excluded_paths) =
+            exclude_spec(&args.excludes, &args.root, Some(&args.state))?;
+        let request = vdsync_track::tracker::PushRequest {
+            root: std::fs::canonicalize(&args.root)
+                .with_context(|| format!("cannot open {}", args.root.display()))?,
+            repo: args.repo.clone(),
+            message: args.message.clone(),
+            excludes,
+            excluded_paths,
+        };
+        if let Some(report) = vdsync_track::tracker::push_through_tracker(&args.state, request)? {
+            tracing::debug!("push: the tracker pushed");
+            return output::print_push(&report, false, args.json, true);
+        }
+    }
     // The HTTP client is built on a thread of its own, and the tracker makes its
     // fence and snapshot in its own process: both are begun first, so that they
     // overlap compiling the excludes and each other.

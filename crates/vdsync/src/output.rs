@@ -130,6 +130,7 @@ pub fn print_push(
             "bytes_sent": report.bytes_sent,
             "dry_run": dry_run,
             "source": report.source,
+            "by_tracker": report.by_tracker,
         });
         println!("{value}");
         return Ok(());

@@ -82,9 +82,11 @@ impl Lab {
             tracker: None,
         };
         lab.start_tracker();
-        // The tracker's first journal entry is "started": one full push clears it.
+        // The tracker's first journal entry is "started": one full push clears it,
+        // made by `vdsync push` (the tracker leaves full scans to it).
         let first = lab.push();
         assert!(first["version"].is_null(), "{first}");
+        assert_eq!(first["by_tracker"], false, "{first}");
         lab
     }
 
@@ -179,11 +181,12 @@ impl Lab {
         String::from_utf8_lossy(&output.stdout).into_owned()
     }
 
-    /// Pushes, checks that the push read the journal (no full scan), and returns
-    /// the parsed JSON report.
+    /// Pushes, checks that the push read the journal (no full scan) and that the
+    /// tracker made it, and returns the parsed JSON report.
     fn push_from_journal(&self) -> serde_json::Value {
         let pushed = self.push();
         assert_eq!(pushed["source"]["mode"], "journal", "{pushed}");
+        assert_eq!(pushed["by_tracker"], true, "{pushed}");
         pushed
     }
 
