@@ -280,6 +280,13 @@ pub fn run(
     let socket_path = state_dir.join(SOCKET_NAME);
     let _ = std::fs::remove_file(&socket_path);
     let listener = UnixListener::bind(&socket_path).map_err(io_error(&socket_path))?;
+    // Whoever can connect can have the tracker push any file it can read: only
+    // its own user may.
+    std::fs::set_permissions(
+        &socket_path,
+        std::os::unix::fs::PermissionsExt::from_mode(0o600),
+    )
+    .map_err(io_error(&socket_path))?;
     let (requests, incoming) = mpsc::channel::<Pending>();
     let wake = Arc::new(
         rustix::event::eventfd(

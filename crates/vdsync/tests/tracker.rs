@@ -754,12 +754,18 @@ fn where_fanotify_is_refused_the_tracker_falls_back_to_inotify_and_loses_nothing
 /// it). Once the writer stops, a push sends the last state. The upload is small
 /// enough to leave as one buffered body.
 #[test]
-fn clients_that_never_send_a_request_do_not_hold_up_a_push() {
+fn only_the_trackers_user_may_connect_and_silent_clients_hold_up_no_push() {
     use std::os::unix::net::UnixStream;
 
     let lab = Lab::new(Watcher::Fanotify, |dev| {
         std::fs::write(dev.join("index.html"), "v0").unwrap();
     });
+    // Whoever connects can have the tracker push what it can read: its user only.
+    let socket = std::fs::metadata(lab.state.join("tracker.sock")).unwrap();
+    assert_eq!(
+        std::os::unix::fs::PermissionsExt::mode(&socket.permissions()) & 0o777,
+        0o600
+    );
     // More silent connections than the tracker keeps threads waiting for clients.
     let silent: Vec<UnixStream> = (0..6)
         .map(|_| UnixStream::connect(lab.state.join("tracker.sock")).unwrap())
