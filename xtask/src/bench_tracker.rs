@@ -384,6 +384,10 @@ fn print_one_change_summary(runs: &[OneChangeRun]) -> Result<()> {
     let applied_median = column(|run| run.vdsync.until_applied)?;
     let push_median = column(|run| run.vdsync.push_exited)?;
     let rsync_median = column(|run| run.rsync)?;
+    let tracker_runs = runs
+        .iter()
+        .filter(|run| run.vdsync.report.by_tracker)
+        .count();
     let journal_runs = runs
         .iter()
         .filter(|run| run.vdsync.report.from_journal)
@@ -412,7 +416,7 @@ fn print_one_change_summary(runs: &[OneChangeRun]) -> Result<()> {
         }
     );
     println!(
-        "  {journal_runs} of {repetitions} pushes read the journal only (the others scanned the whole tree)"
+        "  {journal_runs} of {repetitions} pushes read the journal only (the others scanned the whole tree); the tracker made {tracker_runs} of them (`vdsync push` hands a journal-driven push to the running tracker)"
     );
     println!(
         "  resolution: the agent's file is read on each inotify event in its directory and the push's exit is seen through a pidfd, so neither waits on a polling interval"

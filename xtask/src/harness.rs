@@ -491,6 +491,8 @@ pub struct PushReport {
     pub from_journal: bool,
     /// How the changes were found, in words: "journal, 1 path(s)" or "full scan: WHY".
     pub source: String,
+    /// Whether the tracker made the push (`vdsync push` handed it over).
+    pub by_tracker: bool,
 }
 
 pub fn parse_push_report(output: &str) -> Result<PushReport> {
@@ -521,6 +523,7 @@ pub fn parse_push_report(output: &str) -> Result<PushReport> {
         version: report.get("version").and_then(serde_json::Value::as_u64),
         from_journal,
         source,
+        by_tracker: report.get("by_tracker") == Some(&serde_json::Value::Bool(true)),
     })
 }
 
