@@ -1303,8 +1303,7 @@ impl crate::push::TrackerSide for Clients {
                 let view = self.index.view(&snapshot);
                 Ok((snapshot, view))
             }
-            Response::Error(message) => Err(TrackError::Tracker(message)),
-            _ => Err(TrackError::Tracker("unexpected answer".to_owned())),
+            other => Err(refused(other)),
         }
     }
 
@@ -1323,8 +1322,7 @@ impl crate::push::TrackerSide for Clients {
             },
         ) {
             Response::Cleared => Ok(()),
-            Response::Error(message) => Err(TrackError::Tracker(message)),
-            _ => Err(TrackError::Tracker("unexpected answer".to_owned())),
+            other => Err(refused(other)),
         }
     }
 }
@@ -1374,8 +1372,7 @@ impl SnapshotRequest {
         match self.connection.answer()? {
             Response::Snapshot(snapshot) => Ok((snapshot, None)),
             Response::SnapshotWithIndex { snapshot, index } => Ok((snapshot, index)),
-            Response::Error(message) => Err(TrackError::Tracker(message)),
-            _ => Err(TrackError::Tracker("unexpected answer".to_owned())),
+            other => Err(refused(other)),
         }
     }
 }
@@ -1421,8 +1418,7 @@ pub fn push_through_tracker(
             Ok(None)
         }
         Response::PushFailed(message) => Err(TrackError::PushedByTracker(message)),
-        Response::Error(message) => Err(TrackError::Tracker(message)),
-        _ => Err(TrackError::Tracker("unexpected answer".to_owned())),
+        other => Err(refused(other)),
     }
 }
 
@@ -1433,8 +1429,7 @@ pub fn request_release_index(state_dir: &Path) -> Result<(), TrackError> {
     };
     match connection.answer()? {
         Response::Released => Ok(()),
-        Response::Error(message) => Err(TrackError::Tracker(message)),
-        _ => Err(TrackError::Tracker("unexpected answer".to_owned())),
+        other => Err(refused(other)),
     }
 }
 
@@ -1459,9 +1454,17 @@ impl ClearRequest {
     pub fn answer(self) -> Result<(), TrackError> {
         match self.connection.answer()? {
             Response::Cleared => Ok(()),
-            Response::Error(message) => Err(TrackError::Tracker(message)),
-            _ => Err(TrackError::Tracker("unexpected answer".to_owned())),
+            other => Err(refused(other)),
         }
+    }
+}
+
+/// The error for an answer that is not the one asked for: the tracker's own error
+/// message, or "unexpected answer".
+fn refused(response: Response) -> TrackError {
+    match response {
+        Response::Error(message) => TrackError::Tracker(message),
+        _ => TrackError::Tracker("unexpected answer".to_owned()),
     }
 }
 
