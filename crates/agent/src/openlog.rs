@@ -3,7 +3,9 @@
 //!
 //! One thread reads two kernel streams: fanotify `FAN_OPEN | FAN_OPEN_EXEC` with the
 //! opener's pid (every open on the watched file systems), and the process-events
-//! connector (fork, exec, exit of every process). Processes are keyed by pid *and*
+//! connector (fork, exec, exit of every process). A caller that needs everything
+//! queued so far (`catch_up`, before a plan) reads the streams itself, in its own
+//! thread, rather than waiting for the log's thread to be scheduled. Processes are keyed by pid *and*
 //! start time, so a reused pid never inherits another process's history.
 //!
 //! Like the paper's list, a process's history is inherited across `fork` (a daemon
@@ -31,7 +33,7 @@ use std::collections::{HashMap, HashSet};
 use std::os::fd::{AsFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{mpsc, Arc, Condvar, Mutex, MutexGuard};
+use std::sync::{mpsc, Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime};
 
 use vdsync_sys::open_events::{OpenBatch, OpenEvents};
@@ -117,9 +119,10 @@ struct ProcessCache {
 /// The running open log. Dropping it stops its thread.
 pub struct OpenLog {
     state: Arc<Mutex<State>>,
-    /// Completed rounds of reading both streams, for [`OpenLog::catch_up`].
-    rounds: Arc<(Mutex<u64>, Condvar)>,
-    /// Wakes the log's thread from its wait.
+    /// The two streams, read by the log's thread, or by [`OpenLog::catch_up`] in the
+    /// caller's thread (which then waits for no other thread to be scheduled).
+    streams: Arc<Mutex<Streams>>,
+    /// Wakes the log's thread from its wait (to stop).
     wake: Arc<OwnedFd>,
     cache: Mutex<ProcessCache>,
     stop: Arc<AtomicBool>,
@@ -137,30 +140,29 @@ impl OpenLog {
         let unwatched = watch_mounts(&mut opens, root);
         let processes = ProcEvents::subscribe()?;
         let state = Arc::new(Mutex::new(State::default()));
-        let rounds = Arc::new((Mutex::new(0u64), Condvar::new()));
         let wake = Arc::new(rustix::event::eventfd(
             0,
             rustix::event::EventfdFlags::CLOEXEC | rustix::event::EventfdFlags::NONBLOCK,
         )?);
         let stop = Arc::new(AtomicBool::new(false));
+        let streams = Arc::new(Mutex::new(Streams {
+            opens,
+            processes,
+            root: root.to_path_buf(),
+            mount_table: vdsync_sys::mounts::MountTable::open().ok(),
+        }));
         let thread = {
-            let streams = Streams {
-                opens,
-                processes,
-                wake: Arc::clone(&wake),
-                root: root.to_path_buf(),
-                mount_table: vdsync_sys::mounts::MountTable::open().ok(),
-            };
+            let streams = Arc::clone(&streams);
             let state = Arc::clone(&state);
-            let rounds = Arc::clone(&rounds);
+            let wake = Arc::clone(&wake);
             let stop = Arc::clone(&stop);
             std::thread::Builder::new()
                 .name("open-log".into())
-                .spawn(move || run(streams, &state, &rounds, &stop))?
+                .spawn(move || run(&streams, &state, &wake, &stop))?
         };
         let log = OpenLog {
             state,
-            rounds,
+            streams,
             wake,
             cache: Mutex::new(ProcessCache::default()),
             stop,
@@ -225,34 +227,20 @@ impl OpenLog {
     }
 
     /// Returns once every event the kernel queued before the call has been read
-    /// (or after `timeout`; false then).
+    /// (false if that took longer than `timeout`). The reading is done here, so
+    /// that a busy machine need not schedule the log's thread first.
     pub fn catch_up(&self, timeout: Duration) -> bool {
-        let (count, done) = &*self.rounds;
-        let lock = || {
-            count
-                .lock()
-                .unwrap_or_else(|poisoned| poisoned.into_inner())
-        };
-        // A round under way may have read one stream before the call: wait for
-        // the round after it.
-        let target = *lock() + 2;
-        let _ = rustix::io::write(&*self.wake, &1u64.to_ne_bytes());
-        let deadline = std::time::Instant::now() + timeout;
-        let mut rounds = lock();
-        while *rounds < target {
-            let left = deadline.saturating_duration_since(std::time::Instant::now());
-            if left.is_zero() {
-                return false;
-            }
-            rounds = done
-                .wait_timeout(rounds, left)
-                .unwrap_or_else(|poisoned| poisoned.into_inner())
-                .0;
-            if *rounds < target {
-                let _ = rustix::io::write(&*self.wake, &1u64.to_ne_bytes());
-            }
+        let started = std::time::Instant::now();
+        let mut streams = self
+            .streams
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        // Two rounds, as the log's thread would: a round reads a bounded number of
+        // open events.
+        for _ in 0..2 {
+            read_round(&mut streams, &self.state);
         }
-        true
+        started.elapsed() <= timeout
     }
 
     /// Every user process as /proc shows it now, reading as little of /proc as the
@@ -414,6 +402,7 @@ impl Verification {
 impl Drop for OpenLog {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Relaxed);
+        let _ = rustix::io::write(&*self.wake, &1u64.to_ne_bytes());
         if let Some(thread) = self.thread.take() {
             let _ = thread.join();
         }
@@ -443,11 +432,10 @@ fn chain(state: &State, key: ProcessKey) -> impl Iterator<Item = ProcessKey> + '
     })
 }
 
-/// What the log's thread reads.
+/// What the log reads.
 struct Streams {
     opens: OpenEvents,
     processes: ProcEvents,
-    wake: Arc<OwnedFd>,
     root: PathBuf,
     /// File systems mounted later are watched too.
     mount_table: Option<vdsync_sys::mounts::MountTable>,
@@ -472,32 +460,35 @@ fn watch_mounts(opens: &mut OpenEvents, root: &Path) -> Vec<(PathBuf, String)> {
     unwatched
 }
 
-fn run(streams: Streams, state: &Mutex<State>, rounds: &(Mutex<u64>, Condvar), stop: &AtomicBool) {
-    let Streams {
-        mut opens,
-        mut processes,
-        wake,
-        root,
-        mut mount_table,
-    } = streams;
-    let lock = || {
-        state
+fn run(streams: &Mutex<Streams>, state: &Mutex<State>, wake: &OwnedFd, stop: &AtomicBool) {
+    let lock_streams = || {
+        streams
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     };
+    // Copies of the streams' descriptors to wait on without holding the lock
+    // (`catch_up` reads meanwhile): the same open files, so the same queues.
+    let waited = {
+        let streams = lock_streams();
+        (
+            streams.opens.fd().try_clone_to_owned(),
+            streams.processes.fd().try_clone_to_owned(),
+        )
+    };
+    let (opens_fd, processes_fd) = match waited {
+        (Ok(opens), Ok(processes)) => (opens, processes),
+        (Err(err), _) | (_, Err(err)) => {
+            tracing::warn!(error = %err, "open log: cannot wait for events; opens are not seen");
+            lock_state(state).incomplete = Some(format!("the open log could not start ({err})"));
+            return;
+        }
+    };
     while !stop.load(Ordering::Relaxed) {
-        let round_done = || {
-            let (count, done) = rounds;
-            *count
-                .lock()
-                .unwrap_or_else(|poisoned| poisoned.into_inner()) += 1;
-            done.notify_all();
-        };
         // Both streams are waited for together, so that neither waits for the
-        // other (an exec must be known as soon as possible), and so is the wake-up
-        // of `catch_up`.
+        // other (an exec must be known as soon as possible). Not under the lock:
+        // `catch_up` reads meanwhile.
         if let Err(err) = vdsync_sys::wait_any_readable(
-            &[opens.fd(), processes.fd(), wake.as_fd()],
+            &[opens_fd.as_fd(), processes_fd.as_fd(), wake.as_fd()],
             Duration::from_millis(100),
         ) {
             tracing::warn!(error = %err, "open log: poll failed");
@@ -505,45 +496,62 @@ fn run(streams: Streams, state: &Mutex<State>, rounds: &(Mutex<u64>, Condvar), s
             continue;
         }
         let mut counter = [0u8; 8];
-        let _ = rustix::io::read(&*wake, &mut counter);
-        lock().sequence += 1;
-        if mount_table
-            .as_mut()
-            .is_some_and(vdsync_sys::mounts::MountTable::changed)
-        {
-            for (mount, err) in watch_mounts(&mut opens, &root) {
-                tracing::warn!(mount = %mount.display(), error = %err, "open log: a new mount below the root cannot be watched");
-                lock().incomplete = Some(format!(
-                    "opens on the file system mounted at {} are not seen ({err})",
-                    mount.display()
-                ));
+        let _ = rustix::io::read(wake, &mut counter);
+        if stop.load(Ordering::Relaxed) {
+            return;
+        }
+        if !read_round(&mut lock_streams(), state) {
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+fn lock_state(state: &Mutex<State>) -> MutexGuard<'_, State> {
+    state
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// Reads what both streams hold now into `state`; false if reading opens failed.
+fn read_round(streams: &mut Streams, state: &Mutex<State>) -> bool {
+    let lock = || lock_state(state);
+    lock().sequence += 1;
+    if streams
+        .mount_table
+        .as_mut()
+        .is_some_and(vdsync_sys::mounts::MountTable::changed)
+    {
+        for (mount, err) in watch_mounts(&mut streams.opens, &streams.root) {
+            tracing::warn!(mount = %mount.display(), error = %err, "open log: a new mount below the root cannot be watched");
+            lock().incomplete = Some(format!(
+                "opens on the file system mounted at {} are not seen ({err})",
+                mount.display()
+            ));
+        }
+    }
+    // Process events first: a fork read now links a child whose opens come
+    // next; the exec boundary comes from the open stream itself.
+    match streams.processes.read(Duration::ZERO) {
+        Ok(events) => {
+            let mut state = lock();
+            for event in events {
+                on_process_event(&mut state, event);
             }
         }
-        // Process events first: a fork read now links a child whose opens come
-        // next; the exec boundary comes from the open stream itself.
-        match processes.read(Duration::ZERO) {
-            Ok(events) => {
-                let mut state = lock();
-                for event in events {
-                    on_process_event(&mut state, event);
-                }
-            }
-            Err(err) => {
-                lock().incomplete = Some(format!("process events were lost ({err})"));
-            }
+        Err(err) => {
+            lock().incomplete = Some(format!("process events were lost ({err})"));
         }
-        let batch = match opens.read(Duration::ZERO) {
-            Ok(batch) => batch,
-            Err(err) => {
-                tracing::warn!(error = %err, "open log: reading fanotify failed");
-                lock().incomplete = Some(format!("reading opens failed ({err})"));
-                round_done();
-                std::thread::sleep(Duration::from_millis(100));
-                continue;
-            }
-        };
-        on_opens(&mut lock(), batch);
-        round_done();
+    }
+    match streams.opens.read(Duration::ZERO) {
+        Ok(batch) => {
+            on_opens(&mut lock(), batch);
+            true
+        }
+        Err(err) => {
+            tracing::warn!(error = %err, "open log: reading fanotify failed");
+            lock().incomplete = Some(format!("reading opens failed ({err})"));
+            false
+        }
     }
 }
 
@@ -822,6 +830,30 @@ mod tests {
         assert!(
             log.catch_up(Duration::from_secs(10)),
             "the open log did not catch up within 10 s"
+        );
+    }
+
+    #[test]
+    fn catch_up_reads_the_queued_events_itself() {
+        let dir = tempfile::tempdir().unwrap();
+        let dir_file = std::fs::File::open(dir.path()).unwrap();
+        let (mut log, _) = OpenLog::start(dir.path()).unwrap();
+        // The log's own reader stops: whatever is read from now on, catch_up reads.
+        log.stop.store(true, Ordering::Relaxed);
+        let _ = rustix::io::write(&*log.wake, &1u64.to_ne_bytes());
+        log.thread.take().unwrap().join().unwrap();
+        let config = dir.path().join("config");
+        std::fs::write(&config, b"setting").unwrap();
+        let mut reader = Python::run(READ_AND_WAIT, &config);
+        assert_eq!(reader.line(), "read\n");
+        assert!(
+            !openers(&log, entry(&dir_file, "config")).contains(&reader.pid()),
+            "the open was read with the log's reader stopped"
+        );
+        caught_up(&log);
+        assert!(
+            openers(&log, entry(&dir_file, "config")).contains(&reader.pid()),
+            "catch_up returned without reading the open made before it"
         );
     }
 
