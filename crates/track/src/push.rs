@@ -468,7 +468,17 @@ fn record(
                     "a push made by the tracker has no index patch".to_owned(),
                 ));
             };
-            return tracker.record(sequence, version, patch);
+            // A `status` or full-scan push may have the index open for a moment (it
+            // asked the tracker to let go of it after this push read its view).
+            let deadline = std::time::Instant::now() + INDEX_BUSY_PATIENCE;
+            loop {
+                match tracker.record(sequence, version, patch) {
+                    Err(_) if std::time::Instant::now() < deadline => {
+                        std::thread::sleep(std::time::Duration::from_millis(50));
+                    }
+                    result => return result,
+                }
+            }
         }
         IndexHandle::Tracker => {
             // The tracker writes the index and then clears the journal: one round
