@@ -141,12 +141,14 @@ fn open_here(state_dir: &Path) -> Result<IndexDb, TrackError> {
     IndexDb::open(&index_path(state_dir))
 }
 
-/// [`open_here`] for a push already committed, whose index must be written: another
-/// process (a `status` reading the whole index) may hold the index for a moment.
-fn open_here_patiently(state_dir: &Path) -> Result<IndexDb, TrackError> {
+/// Runs `attempt` until it succeeds or [`INDEX_BUSY_PATIENCE`] has passed: for a
+/// push already committed, whose index must be written while another process (a
+/// `status` reading the whole index) may hold it for a moment. Nothing announces
+/// its release, so it is tried again every 50 ms.
+fn patiently<T>(mut attempt: impl FnMut() -> Result<T, TrackError>) -> Result<T, TrackError> {
     let deadline = std::time::Instant::now() + INDEX_BUSY_PATIENCE;
     loop {
-        match open_here(state_dir) {
+        match attempt() {
             Err(_) if std::time::Instant::now() < deadline => {
                 std::thread::sleep(std::time::Duration::from_millis(50));
             }
@@ -201,32 +203,14 @@ pub(crate) fn push_in_tracker(
     options: &PushOptions<'_>,
     tracker: &dyn TrackerSide,
 ) -> Result<Option<PushReport>, TrackError> {
-    let mut attempt = 0;
-    loop {
-        attempt += 1;
+    again_if_changed(|| {
         let (snapshot, view) = tracker.snapshot()?;
-        let (Some(view), None) = (view, &snapshot.root) else {
+        let Some((changes, parent)) = journal_changes(options, &snapshot, view)? else {
             return Ok(None);
         };
-        let parent = view.version;
-        let Some(changes) =
-            collect_from_journal(options.root, options.excludes, &view, &snapshot, parent)?
-        else {
-            return Ok(None);
-        };
-        match send(
-            client,
-            options,
-            IndexHandle::InTracker(tracker),
-            changes,
-            parent,
-        ) {
-            Err(TrackError::ChangedDuringPush(path)) if attempt < PUSH_ATTEMPTS => {
-                tracing::warn!(%path, "a file changed while it was uploaded; pushing again");
-            }
-            other => return other.map(Some),
-        }
-    }
+        let index = IndexHandle::InTracker(tracker);
+        send(client, options, index, changes, parent).map(Some)
+    })
 }
 
 /// Imports the repository's head manifest into an index that has none yet (every
@@ -267,20 +251,43 @@ pub fn push_started(
     start: PushStart,
 ) -> Result<PushReport, TrackError> {
     let mut start = Some(start);
-    let mut attempt = 0;
-    loop {
-        attempt += 1;
+    again_if_changed(|| {
         let start = match start.take() {
             Some(start) => start,
             None => PushStart::begin(options.state_dir, options.rescan)?,
         };
-        match push_once(client, options, start) {
+        push_once(client, options, start)
+    })
+}
+
+/// Runs `push` again (up to [`PUSH_ATTEMPTS`] in all) while a file changed under it.
+fn again_if_changed<T>(mut push: impl FnMut() -> Result<T, TrackError>) -> Result<T, TrackError> {
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        match push() {
             Err(TrackError::ChangedDuringPush(path)) if attempt < PUSH_ATTEMPTS => {
                 tracing::warn!(%path, "a file changed while it was uploaded; pushing again");
             }
             other => return other,
         }
     }
+}
+
+/// The changes a journal-driven push sends and the version they go on top of, or
+/// `None` when the journal cannot drive the push (a full scan is due, the index
+/// has no push yet or was not sent, or the changes are many).
+fn journal_changes(
+    options: &PushOptions<'_>,
+    snapshot: &Snapshot,
+    view: Option<IndexView>,
+) -> Result<Option<(Changes, Option<u64>)>, TrackError> {
+    let (Some(view), None) = (view, &snapshot.root) else {
+        return Ok(None);
+    };
+    let parent = view.version;
+    let changes = collect_from_journal(options.root, options.excludes, &view, snapshot, parent)?;
+    Ok(changes.map(|changes| (changes, parent)))
 }
 
 fn push_once(
@@ -292,14 +299,9 @@ fn push_once(
         StartKind::Tracked(request) => {
             let (snapshot, view) = request.answer()?;
             tracing::debug!(marks = snapshot.marks.len(), "push: the tracker answered");
-            if let (Some(view), None) = (view, &snapshot.root) {
-                let parent = view.version;
-                if let Some(changes) =
-                    collect_from_journal(options.root, options.excludes, &view, &snapshot, parent)?
-                {
-                    tracing::debug!("push: changes read from the journal's paths");
-                    return send(client, options, IndexHandle::Tracker, changes, parent);
-                }
+            if let Some((changes, parent)) = journal_changes(options, &snapshot, view)? {
+                tracing::debug!("push: changes read from the journal's paths");
+                return send(client, options, IndexHandle::Tracker, changes, parent);
             }
             // A full scan, the first push from this state, or a large one: this
             // process reads the index itself.
@@ -470,15 +472,7 @@ fn record(
             };
             // A `status` or full-scan push may have the index open for a moment (it
             // asked the tracker to let go of it after this push read its view).
-            let deadline = std::time::Instant::now() + INDEX_BUSY_PATIENCE;
-            loop {
-                match tracker.record(sequence, version, patch) {
-                    Err(_) if std::time::Instant::now() < deadline => {
-                        std::thread::sleep(std::time::Duration::from_millis(50));
-                    }
-                    result => return result,
-                }
-            }
+            return patiently(|| tracker.record(sequence, version, patch));
         }
         IndexHandle::Tracker => {
             // The tracker writes the index and then clears the journal: one round
@@ -492,7 +486,7 @@ fn record(
                     ),
                 }
             }
-            open_here_patiently(state_dir)?
+            patiently(|| open_here(state_dir))?
         }
     };
     // The tracker clears its marks while the index is written and closed: two
