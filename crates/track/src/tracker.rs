@@ -1234,13 +1234,34 @@ fn answer(clients: &Clients, request: Request) -> Response {
     }
 }
 
-/// What [`Request::Push`] reuses from one push to the next.
+/// What [`Request::Push`] reuses from one push to the next, each with what it
+/// was made from.
 #[derive(Default)]
 struct PushTools {
     /// The repository's client, by URL: its connection stays open between pushes.
     client: Option<(String, vdsync_client::Client)>,
     /// Compiled excludes, by their patterns and paths.
-    excludes: Option<(Vec<String>, Vec<RepoPath>, Excludes)>,
+    excludes: Option<(ExcludeSpec, Excludes)>,
+}
+
+/// Exclude patterns and paths excluded by location, as `Excludes::new` takes them.
+type ExcludeSpec = (Vec<String>, Vec<RepoPath>);
+
+/// The value in `slot` if it was made from `key`; otherwise one made now by `make`
+/// and kept there.
+fn made_from<K: PartialEq, V, E>(
+    slot: &mut Option<(K, V)>,
+    key: K,
+    make: impl FnOnce(&K) -> Result<V, E>,
+) -> Result<&V, E> {
+    let kept = match slot.take() {
+        Some((made_from, value)) if made_from == key => (made_from, value),
+        _ => {
+            let value = make(&key)?;
+            (key, value)
+        }
+    };
+    Ok(&slot.insert(kept).1)
 }
 
 /// Answers [`Request::Push`]. One push at a time: a second waits for the first.
@@ -1249,35 +1270,21 @@ fn push_here(clients: &Clients, request: &PushRequest) -> Response {
         .push_tools
         .lock()
         .unwrap_or_else(|poisoned| poisoned.into_inner());
+    let tools = &mut *tools;
     let failed =
         |err: &dyn std::error::Error| Response::PushFailed(vdsync_proto::display::error_chain(err));
-    if tools
-        .client
-        .as_ref()
-        .is_none_or(|(url, _)| *url != request.repo)
-    {
-        match vdsync_client::Client::new(&request.repo) {
-            Ok(client) => tools.client = Some((request.repo.clone(), client)),
-            Err(err) => return failed(&err),
-        }
-    }
-    let compiled = tools.excludes.as_ref().is_some_and(|(patterns, paths, _)| {
-        *patterns == request.excludes && *paths == request.excluded_paths
-    });
-    if !compiled {
-        match Excludes::new(&request.excludes, request.excluded_paths.clone()) {
-            Ok(excludes) => {
-                tools.excludes = Some((
-                    request.excludes.clone(),
-                    request.excluded_paths.clone(),
-                    excludes,
-                ))
-            }
-            Err(err) => return failed(&err),
-        }
-    }
-    let (Some((_, client)), Some((_, _, excludes))) = (&tools.client, &tools.excludes) else {
-        return Response::PushFailed("the push could not be set up".to_owned());
+    let client = match made_from(&mut tools.client, request.repo.clone(), |url| {
+        vdsync_client::Client::new(url)
+    }) {
+        Ok(client) => client,
+        Err(err) => return failed(&err),
+    };
+    let spec = (request.excludes.clone(), request.excluded_paths.clone());
+    let excludes = match made_from(&mut tools.excludes, spec, |(patterns, paths)| {
+        Excludes::new(patterns, paths.clone())
+    }) {
+        Ok(excludes) => excludes,
+        Err(err) => return failed(&err),
     };
     let options = crate::push::PushOptions {
         root: &request.root,
@@ -1297,12 +1304,8 @@ fn push_here(clients: &Clients, request: &PushRequest) -> Response {
 
 impl crate::push::TrackerSide for Clients {
     fn snapshot(&self) -> Result<(Snapshot, Option<IndexView>), TrackError> {
-        let fence = self.fences.fetch_add(1, Ordering::Relaxed) + 1;
-        match ask_loop(self, LoopRequest::Snapshot { fence }) {
-            Response::Snapshot(snapshot) => {
-                let view = self.index.view(&snapshot);
-                Ok((snapshot, view))
-            }
+        match answer(self, Request::Snapshot { index: true }) {
+            Response::SnapshotWithIndex { snapshot, index } => Ok((snapshot, index)),
             other => Err(refused(other)),
         }
     }
