@@ -454,18 +454,17 @@ fn push(args: PushArgs) -> Result<()> {
         bail!("--root {} is not a directory", args.root.display());
     }
     tracing::debug!("push: started");
+    let (patterns, excluded_paths) = exclude_spec(&args.excludes, &args.root, Some(&args.state))?;
     if !args.rescan && !args.dry_run {
         // A running tracker pushes from its journal itself: it has the index, the
         // repository's connection and the excludes ready.
-        let (excludes, excluded_paths) =
-            exclude_spec(&args.excludes, &args.root, Some(&args.state))?;
         let request = vdsync_track::tracker::PushRequest {
             root: std::fs::canonicalize(&args.root)
                 .with_context(|| format!("cannot open {}", args.root.display()))?,
             repo: args.repo.clone(),
             message: args.message.clone(),
-            excludes,
-            excluded_paths,
+            excludes: patterns.clone(),
+            excluded_paths: excluded_paths.clone(),
         };
         if let Some(report) = vdsync_track::tracker::push_through_tracker(&args.state, request)? {
             tracing::debug!("push: the tracker pushed");
@@ -477,7 +476,7 @@ fn push(args: PushArgs) -> Result<()> {
     // overlap compiling the excludes and each other.
     let client = vdsync_client::Client::new(&args.repo)?;
     let start = vdsync_track::PushStart::begin(&args.state, args.rescan)?;
-    let excludes = excludes_for(&args.excludes, &args.root, Some(&args.state))?;
+    let excludes = vdsync_track::Excludes::new(&patterns, excluded_paths)?;
     let progress: Option<Arc<dyn vdsync_track::Progress>> = if std::io::stderr().is_terminal()
         && !args.json
         && !args.dry_run
