@@ -5,8 +5,9 @@
 //! opener's pid (every open on the watched file systems), and the process-events
 //! connector (fork, exec, exit of every process). A caller that needs everything
 //! queued so far (`catch_up`, before a plan) reads the streams itself, in its own
-//! thread, rather than waiting for the log's thread to be scheduled. Processes are keyed by pid *and*
-//! start time, so a reused pid never inherits another process's history.
+//! thread, rather than waiting for the log's thread to be scheduled. Processes are
+//! keyed by pid *and* start time, so a reused pid never inherits another process's
+//! history.
 //!
 //! Like the paper's list, a process's history is inherited across `fork` (a daemon
 //! that reads its configuration and then forks into the background keeps it) and
@@ -178,11 +179,7 @@ impl OpenLog {
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
-        // A panic in the reader thread must not take the agent down with it; the
-        // data is still a consistent map.
-        self.state
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+        lock_state(&self.state)
     }
 
     /// Why the log may be missing opens, if it may.
@@ -226,11 +223,10 @@ impl OpenLog {
         result
     }
 
-    /// Returns once every event the kernel queued before the call has been read
-    /// (false if that took longer than `timeout`). The reading is done here, so
-    /// that a busy machine need not schedule the log's thread first.
-    pub fn catch_up(&self, timeout: Duration) -> bool {
-        let started = std::time::Instant::now();
+    /// Returns once every event the kernel queued before the call has been read.
+    /// The reading is done here, so that a busy machine need not schedule the log's
+    /// thread first.
+    pub fn catch_up(&self) {
         let mut streams = self
             .streams
             .lock()
@@ -240,7 +236,6 @@ impl OpenLog {
         for _ in 0..2 {
             read_round(&mut streams, &self.state);
         }
-        started.elapsed() <= timeout
     }
 
     /// Every user process as /proc shows it now, reading as little of /proc as the
@@ -269,7 +264,7 @@ impl OpenLog {
         let started = std::time::Instant::now();
         let pids = vdsync_sys::process::list_pids().unwrap_or_default();
         let listed = started.elapsed();
-        let caught_up = self.catch_up(Duration::from_millis(250));
+        self.catch_up();
         let after_catch_up = started.elapsed();
         let (sequence, changed, incomplete) = {
             let state = self.lock();
@@ -299,7 +294,7 @@ impl OpenLog {
             );
             (state.sequence, changed, state.incomplete.is_some())
         };
-        let reuse = caught_up && !incomplete && !everything && cache.sequence.is_some();
+        let reuse = !incomplete && !everything && cache.sequence.is_some();
         let mut processes = HashMap::with_capacity(pids.len());
         let mut skipped = HashSet::new();
         let mut read = 0usize;
@@ -506,6 +501,8 @@ fn run(streams: &Mutex<Streams>, state: &Mutex<State>, wake: &OwnedFd, stop: &At
     }
 }
 
+/// A panic in the reader thread must not take the agent down with it; the data is
+/// still a consistent map.
 fn lock_state(state: &Mutex<State>) -> MutexGuard<'_, State> {
     state
         .lock()
@@ -825,14 +822,6 @@ mod tests {
     const READ_AND_WAIT: &str =
         "import sys; open(sys.argv[1]).read(); print('read', flush=True); sys.stdin.read()";
 
-    /// Every event queued before the call has been read.
-    fn caught_up(log: &OpenLog) {
-        assert!(
-            log.catch_up(Duration::from_secs(10)),
-            "the open log did not catch up within 10 s"
-        );
-    }
-
     #[test]
     fn catch_up_reads_the_queued_events_itself() {
         let dir = tempfile::tempdir().unwrap();
@@ -850,7 +839,7 @@ mod tests {
             !openers(&log, entry(&dir_file, "config")).contains(&reader.pid()),
             "the open was read with the log's reader stopped"
         );
-        caught_up(&log);
+        log.catch_up();
         assert!(
             openers(&log, entry(&dir_file, "config")).contains(&reader.pid()),
             "catch_up returned without reading the open made before it"
@@ -881,7 +870,7 @@ sys.stdin.read(); other.kill(); os.kill(pid, 9)\n";
             .collect();
         let (forked, execed) = (pids[0], pids[1]);
         // The fork, the exec and the open all happened before the line was printed.
-        caught_up(&log);
+        log.catch_up();
         let openers = openers(&log, entry(&dir_file, "config"));
         assert!(
             openers.contains(&parent.pid()) && openers.contains(&forked),
@@ -916,10 +905,10 @@ sys.stdin.read(); other.kill(); os.kill(pid, 9)\n";
         std::fs::write(late.join("config"), b"setting").unwrap();
         let file = entry(&std::fs::File::open(&late).unwrap(), "config");
         // The log looks at the mount table on its next round.
-        caught_up(&log);
+        log.catch_up();
         let mut reader = Python::run(READ_AND_WAIT, &late.join("config"));
         assert_eq!(reader.line(), "read\n");
-        caught_up(&log);
+        log.catch_up();
         assert!(
             openers(&log, file).contains(&reader.pid()),
             "the open on the file system mounted after the start was not seen"
@@ -1023,7 +1012,7 @@ sys.stdin.read(); other.kill(); os.kill(pid, 9)\n";
         std::fs::write(&first, b"one").unwrap();
         let mut reader = Python::run(READ_AND_WAIT, &first);
         assert_eq!(reader.line(), "read\n");
-        caught_up(&log);
+        log.catch_up();
         let first_entry = entry(&dir_file, "first");
         assert!(
             openers(&log, first_entry).contains(&reader.pid()),
