@@ -127,16 +127,14 @@ impl Vdsync {
         command
     }
 
-    /// Runs to completion and returns the output, whatever the exit status.
+    /// Runs to completion and returns the output, whatever the exit status; see
+    /// [`output_within`] for a command that outlives [`COMMAND_TIMEOUT`].
     pub fn output<I, S>(&self, args: I) -> Output
     where
         I: IntoIterator<Item = S>,
         S: AsRef<OsStr>,
     {
-        let mut command = self.command(args);
-        command
-            .output()
-            .unwrap_or_else(|err| panic!("cannot run {command:?}: {err}"))
+        output_within(&mut self.command(args), COMMAND_TIMEOUT)
     }
 
     /// Runs to completion and panics, showing stderr, unless it exits 0.
@@ -157,6 +155,49 @@ impl Vdsync {
         );
         String::from_utf8_lossy(&output.stdout).into_owned()
     }
+}
+
+/// How long one command run by [`Vdsync::output`] may take: far more than any of
+/// them needs, far less than CI waits before it gives up on the whole run.
+pub const COMMAND_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// Runs `command` (stdin empty, stdout and stderr captured) to completion. If it is
+/// still running after `timeout`, it gets SIGKILL and the test fails naming it and
+/// showing what it wrote, instead of hanging.
+pub fn output_within(command: &mut Command, timeout: Duration) -> Output {
+    let child = command
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|err| panic!("cannot run {command:?}: {err}"));
+    // The pidfd names this child even once its pid could be reused.
+    let pidfd = rustix::process::pidfd_open(
+        rustix::process::Pid::from_child(&child),
+        rustix::process::PidfdFlags::empty(),
+    )
+    .unwrap_or_else(|err| panic!("pidfd_open for {command:?}: {err}"));
+    let (finished, wait_for_finish) = std::sync::mpsc::channel::<()>();
+    let watchdog = std::thread::spawn(move || {
+        let late = wait_for_finish.recv_timeout(timeout)
+            == Err(std::sync::mpsc::RecvTimeoutError::Timeout);
+        if late {
+            let _ = rustix::process::pidfd_send_signal(&pidfd, rustix::process::Signal::KILL);
+        }
+        late
+    });
+    let output = child
+        .wait_with_output()
+        .unwrap_or_else(|err| panic!("cannot wait for {command:?}: {err}"));
+    let _ = finished.send(());
+    if watchdog.join().unwrap_or(false) {
+        panic!(
+            "{command:?} was still running after {timeout:?} and was killed\nstdout: {}\nstderr: {}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+    output
 }
 
 /// A repository (`repo init` + `repo serve` on port 0) in a temporary directory.

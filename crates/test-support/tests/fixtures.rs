@@ -266,3 +266,34 @@ fn redis_runs_from_a_copy_and_answers_ping() {
     assert!(!process_is_running(servers[0]));
     assert!(!vdsync_test_support::redis_ping(port));
 }
+
+#[test]
+fn a_command_that_overruns_its_time_is_killed_and_named() {
+    let started = std::time::Instant::now();
+    let overrun = std::panic::catch_unwind(|| {
+        vdsync_test_support::output_within(
+            Command::new("sh").args(["-c", "echo started; exec sleep 600"]),
+            Duration::from_millis(300),
+        )
+    })
+    .expect_err("a 600 s sleep finished within 300 ms");
+    let message = overrun
+        .downcast_ref::<String>()
+        .expect("a formatted panic message");
+    assert!(
+        message.contains("was still running after 300ms"),
+        "{message}"
+    );
+    assert!(message.contains("stdout: started"), "{message}");
+    assert!(
+        started.elapsed() < Duration::from_secs(60),
+        "the sleep was not killed"
+    );
+
+    let quick = vdsync_test_support::output_within(
+        Command::new("sh").args(["-c", "echo done; exit 3"]),
+        Duration::from_secs(60),
+    );
+    assert_eq!(quick.status.code(), Some(3));
+    assert_eq!(quick.stdout, b"done\n");
+}

@@ -81,6 +81,10 @@ pub struct PushReport {
     /// Whether the tracker made the push (from its journal), not `vdsync push`.
     #[serde(default)]
     pub by_tracker: bool,
+    /// Files that changed while they were uploaded, each of which made the push
+    /// start again (the report is the last attempt's).
+    #[serde(default)]
+    pub pushed_again_for: Vec<RepoPath>,
 }
 
 pub fn index_path(state_dir: &Path) -> PathBuf {
@@ -203,14 +207,18 @@ pub(crate) fn push_in_tracker(
     options: &PushOptions<'_>,
     tracker: &dyn TrackerSide,
 ) -> Result<Option<PushReport>, TrackError> {
-    again_if_changed(|| {
+    let (report, again) = again_if_changed(|| {
         let (snapshot, view) = tracker.snapshot()?;
         let Some((changes, parent)) = journal_changes(options, &snapshot, view)? else {
             return Ok(None);
         };
         let index = IndexHandle::InTracker(tracker);
         send(client, options, index, changes, parent).map(Some)
-    })
+    })?;
+    Ok(report.map(|report| PushReport {
+        pushed_again_for: again,
+        ..report
+    }))
 }
 
 /// Imports the repository's head manifest into an index that has none yet (every
@@ -251,25 +259,32 @@ pub fn push_started(
     start: PushStart,
 ) -> Result<PushReport, TrackError> {
     let mut start = Some(start);
-    again_if_changed(|| {
+    let (report, again) = again_if_changed(|| {
         let start = match start.take() {
             Some(start) => start,
             None => PushStart::begin(options.state_dir, options.rescan)?,
         };
         push_once(client, options, start)
+    })?;
+    Ok(PushReport {
+        pushed_again_for: again,
+        ..report
     })
 }
 
-/// Runs `push` again (up to [`PUSH_ATTEMPTS`] in all) while a file changed under it.
-fn again_if_changed<T>(mut push: impl FnMut() -> Result<T, TrackError>) -> Result<T, TrackError> {
-    let mut attempt = 0;
+/// Runs `push` again (up to [`PUSH_ATTEMPTS`] in all) while a file changed under it;
+/// returns its result with the files that made it start again, for the report.
+fn again_if_changed<T>(
+    mut push: impl FnMut() -> Result<T, TrackError>,
+) -> Result<(T, Vec<RepoPath>), TrackError> {
+    let mut again = Vec::new();
     loop {
-        attempt += 1;
         match push() {
-            Err(TrackError::ChangedDuringPush(path)) if attempt < PUSH_ATTEMPTS => {
-                tracing::warn!(%path, "a file changed while it was uploaded; pushing again");
+            Err(TrackError::ChangedDuringPush(path)) if again.len() + 1 < PUSH_ATTEMPTS => {
+                tracing::info!(%path, "a file changed while it was uploaded; pushing again");
+                again.push(path);
             }
-            other => return other,
+            other => return other.map(|done| (done, again)),
         }
     }
 }
@@ -347,6 +362,7 @@ fn send(
         changeset,
         before: changes.before,
         by_tracker: matches!(index, IndexHandle::InTracker(_)),
+        pushed_again_for: Vec::new(),
     };
     if options.dry_run || report.changeset.is_empty() {
         check_head(client, head)?;
@@ -604,4 +620,36 @@ fn explain_refused_upload(
         }
     }
     err.into()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vdsync_proto::fixtures::path;
+
+    /// Fails with "changed while uploaded" for each of `changed` in turn, then works.
+    fn attempts(changed: &[&str]) -> Result<(u32, Vec<RepoPath>), TrackError> {
+        let mut calls = 0u32;
+        let mut left = changed.iter();
+        again_if_changed(|| {
+            calls += 1;
+            match left.next() {
+                Some(name) => Err(TrackError::ChangedDuringPush(path(name))),
+                None => Ok(calls),
+            }
+        })
+    }
+
+    #[test]
+    fn a_push_starts_again_for_each_file_that_changed_and_says_which() {
+        let (calls, again) = attempts(&["a.txt", "b/c.txt"]).unwrap();
+        assert_eq!(calls, 3);
+        assert_eq!(again, [path("a.txt"), path("b/c.txt")]);
+        assert_eq!(attempts(&[]).unwrap(), (1, Vec::new()));
+        let refused = attempts(&["a.txt", "b.txt", "c.txt"]).unwrap_err();
+        assert!(
+            matches!(&refused, TrackError::ChangedDuringPush(last) if *last == path("c.txt")),
+            "{refused}"
+        );
+    }
 }

@@ -579,38 +579,52 @@ fn stop_agent_between_versions() -> Result<()> {
 }
 
 /// Runs `first` on the first SIGINT or SIGTERM and `again` on every later one, on a
-/// thread of its own. Either signal no longer ends the process by itself.
+/// thread of its own, after logging which process sent the signal. Either signal no
+/// longer ends the process by itself.
 fn on_stop_signals(
     first: impl FnOnce() + Send + 'static,
     again: impl Fn() + Send + 'static,
 ) -> Result<()> {
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .context("cannot start the signal handler")?;
-    std::thread::spawn(move || {
-        runtime.block_on(async {
-            use tokio::signal::unix::{signal, SignalKind};
-            let (Ok(mut interrupt), Ok(mut terminate)) = (
-                signal(SignalKind::interrupt()),
-                signal(SignalKind::terminate()),
-            ) else {
-                return;
-            };
+    use signal_hook::consts::{SIGINT, SIGTERM};
+    use signal_hook::iterator::exfiltrator::WithOrigin;
+    use signal_hook::iterator::SignalsInfo;
+    let mut signals = SignalsInfo::<WithOrigin>::new([SIGINT, SIGTERM])
+        .context("cannot install the SIGINT and SIGTERM handlers")?;
+    std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || {
             let mut first = Some(first);
-            loop {
-                tokio::select! {
-                    _ = interrupt.recv() => {}
-                    _ = terminate.recv() => {}
-                }
+            for origin in signals.forever() {
+                let name = if origin.signal == SIGINT {
+                    "SIGINT"
+                } else {
+                    "SIGTERM"
+                };
+                tracing::info!(signal = name, from = %sender(&origin), "signal received");
                 match first.take() {
                     Some(first) => first(),
                     None => again(),
                 }
             }
-        });
-    });
+        })
+        .context("cannot start the signal thread")?;
     Ok(())
+}
+
+/// Who sent a signal, as an operator would look it up: "pid 812 (bash), uid 0", or
+/// "the kernel" (a terminal's Ctrl-C comes from the kernel on behalf of the tty).
+fn sender(origin: &signal_hook::low_level::siginfo::Origin) -> String {
+    use signal_hook::low_level::siginfo::Cause;
+    match origin.process {
+        Some(process) => {
+            let command = std::fs::read_to_string(format!("/proc/{}/comm", process.pid))
+                .map(|comm| comm.trim_end().to_owned())
+                .unwrap_or_else(|_| "gone already".to_owned());
+            format!("pid {} ({command}), uid {}", process.pid, process.uid)
+        }
+        None if origin.cause == Cause::Kernel => "the kernel".to_owned(),
+        None => "an unknown sender".to_owned(),
+    }
 }
 
 fn status(args: StatusArgs) -> Result<()> {

@@ -131,9 +131,13 @@ pub fn print_push(
             "dry_run": dry_run,
             "source": report.source,
             "by_tracker": report.by_tracker,
+            "pushed_again_for": report.pushed_again_for,
         });
         println!("{value}");
         return Ok(());
+    }
+    for path in &report.pushed_again_for {
+        eprintln!("note: {path} changed while it was uploaded; the push started again");
     }
     if let (Source::FullScan { reason }, true) = (&report.source, explain_full_scan) {
         eprintln!("note: scanned the whole tree ({reason})");

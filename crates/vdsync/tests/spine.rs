@@ -497,7 +497,11 @@ fn a_following_agent_stops_on_sigterm_even_as_pid_one() {
                     .contains("\"follower\"")
         });
         let second = lab.vdsync.output(&args);
-        assert!(!second.status.success());
+        assert!(
+            !second.status.success(),
+            "a second agent ran beside the first, which said:\n{}",
+            std::fs::read_to_string(&log).unwrap_or_default()
+        );
         assert!(
             String::from_utf8_lossy(&second.stderr).contains("another agent already uses"),
             "{}",
