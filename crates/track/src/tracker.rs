@@ -1180,9 +1180,13 @@ fn answer_client(stream: UnixStream, clients: &Clients) -> std::io::Result<()> {
     let mut line = String::new();
     reader.read_line(&mut line)?;
     tracing::debug!("tracker: request read");
-    let response = match serde_json::from_str::<Request>(&line) {
-        Ok(request) => answer(clients, request),
-        Err(err) => Response::Error(format!("bad request: {err}")),
+    let response = match (
+        refuse_stranger(&stream),
+        serde_json::from_str::<Request>(&line),
+    ) {
+        (Some(refusal), _) => Response::Error(refusal),
+        (None, Ok(request)) => answer(clients, request),
+        (None, Err(err)) => Response::Error(format!("bad request: {err}")),
     };
     // One write per message: serde_json writes token by token.
     tracing::debug!("tracker: answer ready");
@@ -1191,6 +1195,23 @@ fn answer_client(stream: UnixStream, clients: &Clients) -> std::io::Result<()> {
     let mut stream = stream;
     stream.write_all(&message)?;
     stream.flush()
+}
+
+/// Why a client must not be answered: it runs as neither the tracker's user nor
+/// root. The socket's mode already keeps other users out, but only from the moment
+/// it is set, just after the socket is made; the peer's credentials hold from its
+/// `connect`.
+fn refuse_stranger(stream: &UnixStream) -> Option<String> {
+    let ours = rustix::process::geteuid();
+    match rustix::net::sockopt::socket_peercred(stream) {
+        Ok(peer) if peer.uid == ours || peer.uid.is_root() => None,
+        Ok(peer) => Some(format!(
+            "only uid {} (the tracker's user) may use this tracker, not uid {}",
+            ours.as_raw(),
+            peer.uid.as_raw()
+        )),
+        Err(err) => Some(format!("cannot tell who connected: {err}")),
+    }
 }
 
 fn answer(clients: &Clients, request: Request) -> Response {

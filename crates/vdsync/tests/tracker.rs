@@ -784,8 +784,43 @@ fn only_the_trackers_user_may_connect_and_silent_clients_hold_up_no_push() {
             "a silent client's connection was closed (read gave {read:?}) before the push was answered"
         );
     }
+
+    // Mode 0600 is set just after the socket is made; a client of another user
+    // that connected in between is refused by its credentials. Loosened here to let
+    // one in.
+    use std::os::unix::fs::PermissionsExt;
+    use std::os::unix::process::CommandExt;
+    for traversed in [&lab.dir, &lab.state] {
+        std::fs::set_permissions(traversed, std::fs::Permissions::from_mode(0o711)).unwrap();
+    }
+    let socket = lab.state.join("tracker.sock");
+    std::fs::set_permissions(&socket, std::fs::Permissions::from_mode(0o666)).unwrap();
+    let stranger = vdsync_test_support::output_within(
+        std::process::Command::new("/usr/bin/python3")
+            .args(["-c", STRANGER_CLIENT])
+            .arg(&socket)
+            .uid(65534)
+            .gid(65534),
+        Duration::from_secs(30),
+    );
+    let answer = String::from_utf8_lossy(&stranger.stdout);
+    assert!(
+        answer.contains("only uid 0 (the tracker's user) may use this tracker, not uid 65534"),
+        "another user's request got {answer:?} (stderr: {})",
+        String::from_utf8_lossy(&stranger.stderr)
+    );
     lab.agent_matches_dev();
 }
+
+/// Connects to the socket named by its argument, asks for a snapshot and prints the
+/// answer line.
+const STRANGER_CLIENT: &str = "\
+import socket, sys
+client = socket.socket(socket.AF_UNIX)
+client.connect(sys.argv[1])
+client.sendall(b'{\"op\": \"snapshot\"}\\n')
+print(client.makefile().readline(), end='')
+";
 
 #[test]
 fn a_file_rewritten_while_it_is_pushed_is_sent_as_it_was_at_one_instant() {
