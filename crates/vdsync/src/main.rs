@@ -616,6 +616,10 @@ fn on_stop_signals(
 fn sender(origin: &signal_hook::low_level::siginfo::Origin) -> String {
     use signal_hook::low_level::siginfo::Cause;
     match origin.process {
+        // The kernel gives pid 0 for a sender in an ancestor PID namespace.
+        Some(process) if process.pid == 0 => {
+            format!("a process outside this PID namespace, uid {}", process.uid)
+        }
         Some(process) => {
             let command = std::fs::read_to_string(format!("/proc/{}/comm", process.pid))
                 .map(|comm| comm.trim_end().to_owned())

@@ -476,15 +476,23 @@ fn a_long_running_agent_applies_a_push_without_polling_delay() {
 #[test]
 fn a_following_agent_stops_on_sigterm_even_as_pid_one() {
     let lab = Lab::new(|dev| write(&dev.join("page.html"), "v0"));
-    let root = lab.root_of("follower");
-    let args = lab.follower_args("follower");
     for as_pid_one in [false, true] {
+        // A machine of its own for each run: with the first run's root and name, the
+        // second would find its hello already there and could start the duplicate
+        // before the agent it duplicates.
+        let name = if as_pid_one {
+            "follower-pid-one"
+        } else {
+            "follower-plain"
+        };
+        let root = lab.root_of(name);
+        let args = lab.follower_args(name);
         let mut command = if as_pid_one {
             lab.vdsync.command_in_own_pid_namespace(&args)
         } else {
             lab.vdsync.command(&args)
         };
-        let log = lab.dir.join(format!("follower-{as_pid_one}.log"));
+        let log = lab.dir.join(format!("{name}.log"));
         command
             .stdout(std::process::Stdio::null())
             .stderr(std::fs::File::create(&log).unwrap());
@@ -494,7 +502,7 @@ fn a_following_agent_stops_on_sigterm_even_as_pid_one() {
                 && lab
                     .vdsync
                     .ok(["fleet", "--json", "--repo", &lab.repo.url])
-                    .contains("\"follower\"")
+                    .contains(&format!("\"{name}\""))
         });
         let second = lab.vdsync.output(&args);
         assert!(
@@ -542,6 +550,17 @@ fn a_following_agent_stops_on_sigterm_even_as_pid_one() {
             status
         );
         assert!(said.contains("stopped between versions"), "{said}");
+        // Who stopped it is in its log: this test, or (from the agent's own PID
+        // namespace) a process outside it.
+        let sender = if as_pid_one {
+            "from=a process outside this PID namespace, uid 0".to_owned()
+        } else {
+            format!("from=pid {} (", std::process::id())
+        };
+        assert!(
+            said.contains(&format!("signal received signal=\"SIGTERM\" {sender}")),
+            "{said}"
+        );
     }
 }
 
