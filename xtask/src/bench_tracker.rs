@@ -12,11 +12,13 @@
 //!   processes it reads from /proc for every version.
 //! - `tracker-overhead`: `tar -xf` of a 50,000-file archive into a fresh ext4 file
 //!   system (a loop-mounted image made for each run), with nothing watching, with
-//!   `vdsync track` watching, and with two peers that show the kernel's part, both
+//!   `vdsync track` watching, and with three peers that show the kernel's part, all
 //!   `fanotify_floor` (an example of vdsync-sys) on the tracker's kind of mark: with
 //!   `--ignore-all`, every event in the kernel's ignore mask, so none is made (what
 //!   the mark costs each change: the least any fanotify tracker of a whole file
-//!   system costs); and without, every one of the tracker's events made, queued in
+//!   system costs); with `--names-only` as well, the mark asking only for the events
+//!   about names (what even a tracker that needed no content or attribute events
+//!   would cost); and without either, every one of the tracker's events made, queued in
 //!   the writer's own time, read at the tracker's pace and dropped (what a tracker
 //!   hearing every event costs; `vdsync track` has the kernel ignore the entries of
 //!   new directories, so it hears fewer). Target: at most 5% slower.
@@ -53,7 +55,7 @@ use crate::harness::{
 /// Per-run figures of a few hundred milliseconds on a noisy disk: five runs give a
 /// median one slow run cannot move, and cost seconds.
 pub const ONE_CHANGE_REPETITIONS: usize = 5;
-/// Three rounds of four runs: on this machine one `tar -xf` of 50,000 files into a
+/// Three rounds of five runs: on this machine one `tar -xf` of 50,000 files into a
 /// fresh file system takes 1.2-2 s. Run-to-run noise is larger than the 5% asked for;
 /// `--repetitions 7` or more gives a steadier median when there is time.
 pub const TRACKER_OVERHEAD_REPETITIONS: usize = 3;
@@ -571,6 +573,9 @@ enum Watching {
     /// `fanotify_floor --ignore-all`: the tracker's kind of mark with every event
     /// ignored, so none is made.
     Dispatch,
+    /// `fanotify_floor --ignore-all --names-only`: the same, asking only for the
+    /// events about names.
+    NamesDispatch,
     /// The `fanotify_floor` example: the tracker's fanotify events, read and dropped.
     Floor,
     Tracker,
@@ -609,7 +614,7 @@ pub fn tracker_overhead(repetitions: usize) -> Result<()> {
             .with_context(|| format!("cannot create {}", directory.display()))?;
     }
     narrate(format_args!(
-        "working in {} ({repetitions} rounds of four runs: nothing watching, a mark with every event ignored, fanotify_floor, vdsync track; rotating which goes first, `sync` before each)",
+        "working in {} ({repetitions} rounds of five runs: nothing watching, a mark with every event ignored, a names-only mark with every event ignored, fanotify_floor, vdsync track; rotating which goes first, `sync` before each)",
         scratch.path().display()
     ));
 
@@ -644,6 +649,7 @@ pub fn tracker_overhead(repetitions: usize) -> Result<()> {
 
     let mut without_tracker = Vec::new();
     let mut with_dispatch = Vec::new();
+    let mut with_names_dispatch = Vec::new();
     let mut with_floor = Vec::new();
     let mut with_tracker = Vec::new();
     let mut run_number = 0;
@@ -653,6 +659,7 @@ pub fn tracker_overhead(repetitions: usize) -> Result<()> {
         let mut order = [
             Watching::Nothing,
             Watching::Dispatch,
+            Watching::NamesDispatch,
             Watching::Floor,
             Watching::Tracker,
         ];
@@ -685,14 +692,19 @@ pub fn tracker_overhead(repetitions: usize) -> Result<()> {
                     );
                     with_tracker.push(run);
                 }
-                Watching::Dispatch | Watching::Floor => {
-                    let ignore_all = matches!(watching, Watching::Dispatch);
-                    let untar = untar_with_floor(&floor, ignore_all, &archive, &target, &log)?;
-                    let (label, runs) = if ignore_all {
-                        ("all events ignored", &mut with_dispatch)
-                    } else {
-                        ("with fanotify_floor", &mut with_floor)
+                Watching::Dispatch | Watching::NamesDispatch | Watching::Floor => {
+                    let (label, flags, runs): (_, &[&str], _) = match watching {
+                        Watching::Dispatch => {
+                            ("all events ignored", &["--ignore-all"], &mut with_dispatch)
+                        }
+                        Watching::NamesDispatch => (
+                            "names only, ignored",
+                            &["--ignore-all", "--names-only"],
+                            &mut with_names_dispatch,
+                        ),
+                        _ => ("with fanotify_floor", &[], &mut with_floor),
                     };
+                    let untar = untar_with_floor(&floor, flags, &archive, &target, &log)?;
                     println!(
                         "    round {repetition}/{repetitions}: {label:<22} tar -xf {} (tar's CPU {})",
                         seconds(untar.wall),
@@ -725,6 +737,8 @@ pub fn tracker_overhead(repetitions: usize) -> Result<()> {
     let without_cpu = column(&without_tracker, |times| times.cpu)?;
     let dispatch_wall = column(&with_dispatch, |times| times.wall)?;
     let dispatch_cpu = column(&with_dispatch, |times| times.cpu)?;
+    let names_wall = column(&with_names_dispatch, |times| times.wall)?;
+    let names_cpu = column(&with_names_dispatch, |times| times.cpu)?;
     let floor_wall = column(&with_floor, |times| times.wall)?;
     let floor_cpu = column(&with_floor, |times| times.cpu)?;
     let with_wall = column(&tracked_untars, |times| times.wall)?;
@@ -762,6 +776,13 @@ pub fn tracker_overhead(repetitions: usize) -> Result<()> {
         overhead_percent(without_cpu, dispatch_cpu)
     );
     println!(
+        "  names-only mark, all ignored     {:>10}   {:>10}   {:>+6.1}% / {:>+6.1}%",
+        seconds(names_wall),
+        seconds(names_cpu),
+        overhead_percent(without_wall, names_wall),
+        overhead_percent(without_cpu, names_cpu)
+    );
+    println!(
         "  fanotify_floor (every event)     {:>10}   {:>10}   {:>+6.1}% / {:>+6.1}%",
         seconds(floor_wall),
         seconds(floor_cpu),
@@ -775,6 +796,9 @@ pub fn tracker_overhead(repetitions: usize) -> Result<()> {
     );
     println!(
         "  mark, every event ignored: `fanotify_floor --ignore-all`, the tracker's kind of file-system mark with all its events in the kernel's ignore mask, so none is made: what the kernel spends on every change once any such mark exists, which no fanotify tracker of a whole file system avoids"
+    );
+    println!(
+        "  names-only mark, all ignored: `fanotify_floor --ignore-all --names-only`, the same mark asking only for the events about names (create, delete, move), none about contents or attributes: the least a file-system mark costs, though no tracker can do without the others"
     );
     println!(
         "  fanotify_floor: the tracker's events on the same mark, every one made, queued, read at the tracker's pace and dropped (the tracker itself has the kernel ignore the entries of directories created since the last push, so it can cost less)"
@@ -855,20 +879,18 @@ fn untar(archive: &Path, target: &Path) -> Result<UntarTimes> {
     Ok(UntarTimes { wall, cpu })
 }
 
-/// Starts `fanotify_floor` (with `--ignore-all` if `ignore_all`) on the file system
-/// holding `target`, times `tar -xf` while it runs, and stops it.
+/// Starts `fanotify_floor` (with `flags`) on the file system holding `target`, times
+/// `tar -xf` while it runs, and stops it.
 fn untar_with_floor(
     floor: &Path,
-    ignore_all: bool,
+    flags: &[&str],
     archive: &Path,
     target: &Path,
     log_path: &Path,
 ) -> Result<UntarTimes> {
     let mut processes = BackgroundProcesses::default();
     let mut command = Command::new(floor);
-    if ignore_all {
-        command.arg("--ignore-all");
-    }
+    command.args(flags);
     processes.spawn("fanotify_floor", command.arg(target), log_path)?;
     let result = wait_until(FLOOR_START_TIMEOUT, "fanotify_floor to start", || {
         processes.check_all_running()?;

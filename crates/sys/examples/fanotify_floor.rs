@@ -1,4 +1,4 @@
-//! `fanotify_floor [--ignore-all] DIR`: what the kernel's part of fanotify costs a
+//! `fanotify_floor [--ignore-all [--names-only]] DIR`: what the kernel's part of fanotify costs a
 //! writer. It asks for exactly the events `vdsync track` asks for
 //! ([`TRACKED_EVENTS`], one `FAN_MARK_FILESYSTEM` mark, `FAN_REPORT_DFID_NAME`),
 //! reads them at the tracker's pace when busy (after a read that found events, the
@@ -17,6 +17,10 @@
 //! up marks and the changed entry's parent and name. No fanotify tracker of a whole
 //! file system costs less than that.
 //!
+//! With `--names-only` as well, the mark asks only for the events about names
+//! (create, delete, move), not contents or attributes: what the cheapest mark on a
+//! whole file system costs, though a tracker needs the others too.
+//!
 //! Prints `ready` once the mark is in place, then runs until killed.
 //!
 //! [`TRACKED_EVENTS`]: vdsync_sys::fanotify::TRACKED_EVENTS
@@ -25,7 +29,7 @@ use std::io::Write;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use vdsync_sys::fanotify::Fanotify;
+use vdsync_sys::fanotify::{Fanotify, MarkedEvents};
 
 /// The tracker's `BUSY_READ_DELAY`.
 const BUSY_READ_DELAY: Duration = Duration::from_millis(10);
@@ -33,14 +37,17 @@ const IDLE_WAIT: Duration = Duration::from_millis(500);
 
 fn main() {
     let mut arguments: Vec<_> = std::env::args_os().skip(1).collect();
-    let ignore_all = arguments
-        .first()
-        .is_some_and(|first| first == "--ignore-all");
-    if ignore_all {
-        arguments.remove(0);
-    }
-    let [directory] = arguments.as_slice() else {
-        eprintln!("usage: fanotify_floor [--ignore-all] DIR");
+    let mut flag = |name: &str| match arguments.iter().position(|argument| argument == name) {
+        Some(at) => {
+            arguments.remove(at);
+            true
+        }
+        None => false,
+    };
+    let ignore_all = flag("--ignore-all");
+    let names_only = flag("--names-only");
+    let ([directory], true) = (arguments.as_slice(), ignore_all || !names_only) else {
+        eprintln!("usage: fanotify_floor [--ignore-all [--names-only]] DIR");
         std::process::exit(2);
     };
     let directory = PathBuf::from(directory);
@@ -55,7 +62,12 @@ fn main() {
         }
     };
     if ignore_all {
-        if let Err(err) = group.ignore_file_system(&directory) {
+        let marked = if names_only {
+            MarkedEvents::NamesOnly
+        } else {
+            MarkedEvents::Tracked
+        };
+        if let Err(err) = group.ignore_file_system(&directory, marked) {
             eprintln!(
                 "fanotify_floor: cannot ignore the events on {}: {err}",
                 directory.display()

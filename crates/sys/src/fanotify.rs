@@ -35,6 +35,19 @@ pub const TRACKED_EVENTS: u64 = libc::FAN_CREATE
     | libc::FAN_CLOSE_WRITE
     | libc::FAN_ONDIR;
 
+/// The events of [`TRACKED_EVENTS`] about a file's contents and attributes rather
+/// than its name.
+const CONTENT_EVENTS: u64 = libc::FAN_MODIFY | libc::FAN_ATTRIB | libc::FAN_CLOSE_WRITE;
+
+/// Which events a file-system mark asks for, in [`Fanotify::ignore_file_system`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MarkedEvents {
+    /// The tracker's: [`TRACKED_EVENTS`].
+    Tracked,
+    /// Only those about names: create, delete, move.
+    NamesOnly,
+}
+
 /// What [`Fanotify::ignore_entries`] stops: the tracked events on a directory's
 /// entries (`FAN_EVENT_ON_CHILD`), but not on directories (no `FAN_ONDIR`).
 const ENTRY_EVENTS_IGNORED: u64 = (TRACKED_EVENTS & !libc::FAN_ONDIR) | libc::FAN_EVENT_ON_CHILD;
@@ -206,16 +219,33 @@ impl Fanotify {
         )
     }
 
-    /// Ignores every tracked event on the whole file system holding `path`, which
-    /// must be marked already: nothing is queued any more. Only for measuring what
-    /// the file-system mark costs each change before any event is made (the
-    /// `fanotify_floor --ignore-all` example).
-    pub fn ignore_file_system(&self, path: &Path) -> io::Result<()> {
+    /// Ignores every event of the mark on the whole file system holding `path`,
+    /// which must be marked already: nothing is queued any more. Only for measuring
+    /// what the file-system mark costs each change before any event is made (the
+    /// `fanotify_floor --ignore-all` example). With [`MarkedEvents::NamesOnly`], the
+    /// events about contents and attributes are first taken off the mark (ignoring
+    /// them would put them back: the kernel must look at an event to ignore it),
+    /// leaving those about names: what the cheapest mark costs, though a tracker
+    /// cannot do without the others.
+    pub fn ignore_file_system(&self, path: &Path, marked: MarkedEvents) -> io::Result<()> {
+        let path = c_string(path.as_os_str().as_bytes())?;
+        let ignored = match marked {
+            MarkedEvents::Tracked => TRACKED_EVENTS,
+            MarkedEvents::NamesOnly => {
+                self.mark(
+                    libc::FAN_MARK_REMOVE | libc::FAN_MARK_FILESYSTEM,
+                    CONTENT_EVENTS,
+                    libc::AT_FDCWD,
+                    Some(&path),
+                )?;
+                TRACKED_EVENTS & !CONTENT_EVENTS
+            }
+        };
         self.mark(
             libc::FAN_MARK_ADD | libc::FAN_MARK_FILESYSTEM | libc::FAN_MARK_IGNORE_SURV,
-            TRACKED_EVENTS,
+            ignored,
             libc::AT_FDCWD,
-            Some(&c_string(path.as_os_str().as_bytes())?),
+            Some(&path),
         )
     }
 
