@@ -1,9 +1,9 @@
-//! `fanotify_floor [--ignore-all [--names-only]] DIR`: what the kernel's part of fanotify costs a
-//! writer. It asks for exactly the events `vdsync track` asks for
-//! ([`TRACKED_EVENTS`], one `FAN_MARK_FILESYSTEM` mark, `FAN_REPORT_DFID_NAME`),
-//! reads them at the tracker's pace when busy (after a read that found events, the
-//! next waits 10 ms, as the tracker's `BUSY_READ_DELAY`), and throws them away: no
-//! path resolution, no journal.
+//! `fanotify_floor [--ignore-all [--with-contents]] DIR`: what the kernel's part of
+//! fanotify costs a writer. It asks for the events `vdsync track` asks for on a
+//! whole file system ([`NAME_EVENTS`], one `FAN_MARK_FILESYSTEM` mark,
+//! `FAN_REPORT_DFID_NAME`), reads them at the tracker's pace when busy (after a
+//! read that found events, the next waits 10 ms, as the tracker's
+//! `BUSY_READ_DELAY`), and throws them away: no path resolution, no journal.
 //!
 //! The `tracker-overhead` benchmark runs it as a peer: the kernel queues and merges
 //! each event in the context of the process that changed the file. This is the cost
@@ -13,17 +13,19 @@
 //!
 //! With `--ignore-all`, the mark ignores every one of those events too (the
 //! kernel's ignore mask): nothing is queued, and what remains is what the
-//! file-system mark costs each change before any event is made: the kernel looking
-//! up marks and the changed entry's parent and name. No fanotify tracker of a whole
-//! file system costs less than that.
+//! file-system mark costs each change before any event is made. No fanotify
+//! tracker of a whole file system costs less than that.
 //!
-//! With `--names-only` as well, the mark asks only for the events about names
-//! (create, delete, move), not contents or attributes: what the cheapest mark on a
-//! whole file system costs, though a tracker needs the others too.
+//! With `--with-contents` as well, the mark also asks for (and ignores) the events
+//! about contents and attributes ([`CONTENT_EVENTS`]), which the tracker asks for
+//! per directory of its tree instead: what one file-system mark hearing everything
+//! would cost, because the kernel then looks up the parent and name of every write,
+//! `chmod` and close anywhere on the file system.
 //!
 //! Prints `ready` once the mark is in place, then runs until killed.
 //!
-//! [`TRACKED_EVENTS`]: vdsync_sys::fanotify::TRACKED_EVENTS
+//! [`NAME_EVENTS`]: vdsync_sys::fanotify::NAME_EVENTS
+//! [`CONTENT_EVENTS`]: vdsync_sys::fanotify::CONTENT_EVENTS
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -45,9 +47,9 @@ fn main() {
         None => false,
     };
     let ignore_all = flag("--ignore-all");
-    let names_only = flag("--names-only");
-    let ([directory], true) = (arguments.as_slice(), ignore_all || !names_only) else {
-        eprintln!("usage: fanotify_floor [--ignore-all [--names-only]] DIR");
+    let with_contents = flag("--with-contents");
+    let ([directory], true) = (arguments.as_slice(), ignore_all || !with_contents) else {
+        eprintln!("usage: fanotify_floor [--ignore-all [--with-contents]] DIR");
         std::process::exit(2);
     };
     let directory = PathBuf::from(directory);
@@ -62,10 +64,10 @@ fn main() {
         }
     };
     if ignore_all {
-        let marked = if names_only {
-            MarkedEvents::NamesOnly
+        let marked = if with_contents {
+            MarkedEvents::NamesAndContents
         } else {
-            MarkedEvents::Tracked
+            MarkedEvents::Names
         };
         if let Err(err) = group.ignore_file_system(&directory, marked) {
             eprintln!(

@@ -1,9 +1,11 @@
 //! fanotify with directory file handles and names (`FAN_REPORT_DFID_NAME`), for the
 //! tracker.
 //!
-//! One `FAN_MARK_FILESYSTEM` mark sees every change on a whole file system, so
-//! start-up costs the same for ten files or ten million (inotify needs a watch per
-//! directory, added by walking the tree). Events name the changed entry as (handle of
+//! One `FAN_MARK_FILESYSTEM` mark sees every change of a name on a whole file
+//! system, so start-up costs the same for ten files or ten million (inotify needs a
+//! watch per directory, added by walking the tree). Changes of contents and
+//! attributes are asked for per directory ([`Fanotify::watch_contents`]): on a
+//! file-system mark they would cost every writer on it. Events name the changed entry as (handle of
 //! its directory, name); [`Fanotify::resolve`] turns a directory handle into a path.
 //! `FAN_RENAME` reports both the old and the new name in one event.
 //!
@@ -18,39 +20,49 @@ use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-/// The events the tracker asks for: every kind of change to names, contents and
-/// metadata, on files and directories alike. `FAN_MOVED_FROM`/`FAN_MOVED_TO` look
-/// redundant beside `FAN_RENAME`, but an ignore mark on either directory of a rename
-/// drops its whole `FAN_RENAME`, while the other directory's half still comes (see
-/// [`Fanotify::ignore_entries`]).
-pub const TRACKED_EVENTS: u64 = libc::FAN_CREATE
+/// The events the tracker's file-system marks ask for: every change to a name
+/// (created, deleted, moved), of files and directories alike. `FAN_MOVED_FROM`/
+/// `FAN_MOVED_TO` look redundant beside `FAN_RENAME`, but an ignore mark on either
+/// directory of a rename drops its whole `FAN_RENAME`, while the other directory's
+/// half still comes (see [`Fanotify::ignore_entries`]).
+///
+/// Not the events about contents and attributes ([`CONTENT_EVENTS`]): on a
+/// file-system mark, every write, `chmod` or close anywhere on the file system
+/// makes the kernel take the file's parent and name before it can look at any
+/// mask, which costs a writer several percent (the `tracker-overhead`
+/// benchmark). The tracker asks for those per directory of its tree instead
+/// ([`Fanotify::watch_contents`]), on a group of their own.
+pub const NAME_EVENTS: u64 = libc::FAN_CREATE
     | libc::FAN_DELETE
-    | libc::FAN_MODIFY
-    | libc::FAN_ATTRIB
     | libc::FAN_MOVED_FROM
     | libc::FAN_MOVED_TO
     | libc::FAN_RENAME
     | libc::FAN_DELETE_SELF
     | libc::FAN_MOVE_SELF
-    | libc::FAN_CLOSE_WRITE
     | libc::FAN_ONDIR;
 
-/// The events of [`TRACKED_EVENTS`] about a file's contents and attributes rather
-/// than its name.
-const CONTENT_EVENTS: u64 = libc::FAN_MODIFY | libc::FAN_ATTRIB | libc::FAN_CLOSE_WRITE;
+/// The events about contents and attributes: writes, closes after writing, and
+/// changes of mode, owner, times, extended attributes or link count.
+pub const CONTENT_EVENTS: u64 = libc::FAN_MODIFY | libc::FAN_ATTRIB | libc::FAN_CLOSE_WRITE;
 
 /// Which events a file-system mark asks for, in [`Fanotify::ignore_file_system`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum MarkedEvents {
-    /// The tracker's: [`TRACKED_EVENTS`].
-    Tracked,
-    /// Only those about names: create, delete, move.
-    NamesOnly,
+    /// The tracker's: [`NAME_EVENTS`].
+    Names,
+    /// [`NAME_EVENTS`] and [`CONTENT_EVENTS`], as if one file-system mark heard
+    /// everything.
+    NamesAndContents,
 }
 
-/// What [`Fanotify::ignore_entries`] stops: the tracked events on a directory's
-/// entries (`FAN_EVENT_ON_CHILD`), but not on directories (no `FAN_ONDIR`).
-const ENTRY_EVENTS_IGNORED: u64 = (TRACKED_EVENTS & !libc::FAN_ONDIR) | libc::FAN_EVENT_ON_CHILD;
+/// What [`Fanotify::ignore_entries`] stops: the name events in a directory, but not
+/// those of its subdirectories (no `FAN_ONDIR`). No `FAN_EVENT_ON_CHILD`: with it,
+/// the kernel would look up the parent of every change to an entry.
+const ENTRY_EVENTS_IGNORED: u64 = NAME_EVENTS & !libc::FAN_ONDIR;
+
+/// What [`Fanotify::watch_contents`] asks for on a directory: the content events
+/// of its entries (`FAN_EVENT_ON_CHILD`) and of the directory itself (`FAN_ONDIR`).
+const DIRECTORY_CONTENT_EVENTS: u64 = CONTENT_EVENTS | libc::FAN_EVENT_ON_CHILD | libc::FAN_ONDIR;
 
 pub use libc::{
     FAN_ATTRIB, FAN_CLOSE_WRITE, FAN_CREATE, FAN_DELETE, FAN_DELETE_SELF, FAN_MODIFY,
@@ -133,6 +145,9 @@ pub struct Fanotify {
     /// each `open_by_handle_at` rather than held open, which would keep the file
     /// system from being unmounted.
     mounts: HashMap<Fsid, PathBuf>,
+    /// What the file-system marks ask for: [`NAME_EVENTS`], and [`CONTENT_EVENTS`]
+    /// too after [`Fanotify::hear_contents_everywhere`].
+    file_system_events: u64,
     buffer: Vec<u8>,
 }
 
@@ -155,18 +170,40 @@ impl Fanotify {
     /// Fails with `EPERM` without CAP_SYS_ADMIN and with `EXDEV`/`ENODEV`/`EOPNOTSUPP`
     /// on file systems without usable file handles: the caller falls back to inotify.
     pub fn watch_filesystem(path: &Path) -> io::Result<Fanotify> {
+        let mut group = Fanotify::new()?;
+        group.also_watch(path)?;
+        Ok(group)
+    }
+
+    /// A group with no mark yet, for [`Fanotify::watch_contents`]. Its events'
+    /// directory handles resolve through the group that marks their file system.
+    pub fn new() -> io::Result<Fanotify> {
         let flags = libc::FAN_CLASS_NOTIF | libc::FAN_CLOEXEC | libc::FAN_REPORT_DFID_NAME;
         // SAFETY: fanotify_init takes two flag words and returns a new descriptor or -1.
         let raw = check(unsafe { libc::fanotify_init(flags, libc::O_RDONLY as libc::c_uint) })?;
         // SAFETY: `raw` is a descriptor we own from here on.
         let fd = unsafe { OwnedFd::from_raw_fd(raw) };
-        let mut group = Fanotify {
+        Ok(Fanotify {
             fd,
             mounts: HashMap::new(),
+            file_system_events: NAME_EVENTS,
             buffer: vec![0u8; 256 * 1024],
-        };
-        group.also_watch(path)?;
-        Ok(group)
+        })
+    }
+
+    /// Asks for the content events ([`CONTENT_EVENTS`]) of the entries of the
+    /// directory open as `directory`, and of the directory itself, until it is
+    /// deleted. The mark keeps the directory's inode in memory (an evicted inode
+    /// would take the mark with it, and its changes would go unheard): about a
+    /// kilobyte of kernel memory per directory, as an inotify watch. Marking a
+    /// directory again changes nothing. `ENOTDIR` for anything but a directory.
+    pub fn watch_contents(&self, directory: BorrowedFd<'_>) -> io::Result<()> {
+        self.mark(
+            libc::FAN_MARK_ADD | libc::FAN_MARK_ONLYDIR,
+            DIRECTORY_CONTENT_EVENTS,
+            directory.as_raw_fd(),
+            None,
+        )
     }
 
     /// Marks the whole file system holding the directory `path` too (a mount below
@@ -179,7 +216,7 @@ impl Fanotify {
         }
         self.mark(
             libc::FAN_MARK_ADD | libc::FAN_MARK_FILESYSTEM,
-            TRACKED_EVENTS,
+            self.file_system_events,
             libc::AT_FDCWD,
             Some(&c_string(path.as_os_str().as_bytes())?),
         )?;
@@ -187,10 +224,27 @@ impl Fanotify {
         Ok(true)
     }
 
+    /// Has the file-system marks ask for the content events too, now and on every
+    /// file system marked later: for when they cannot be asked for per directory
+    /// (the kernel's `max_user_marks` reached). Every change then costs a writer
+    /// more, but none goes unheard.
+    pub fn hear_contents_everywhere(&mut self) -> io::Result<()> {
+        self.file_system_events = NAME_EVENTS | CONTENT_EVENTS;
+        for path in self.mounts.values() {
+            self.mark(
+                libc::FAN_MARK_ADD | libc::FAN_MARK_FILESYSTEM,
+                self.file_system_events,
+                libc::AT_FDCWD,
+                Some(&c_string(path.as_os_str().as_bytes())?),
+            )?;
+        }
+        Ok(())
+    }
+
     /// Stops, in the kernel, the events about the entries of the directory `name` in
     /// the directory behind `handle` on the file system `fsid` (an event's entry)
-    /// that are not directories themselves (their creation, deletion, renames,
-    /// contents, metadata), until [`Fanotify::forget_ignores`]. For a caller that
+    /// that are not directories themselves (their creation, deletion, renames),
+    /// until [`Fanotify::forget_ignores`]. For a caller that
     /// looks at the whole directory anyway, e.g. a new one: a writer filling it
     /// (`tar -x`, `git clone`) no longer pays for an event per file.
     ///
@@ -222,28 +276,24 @@ impl Fanotify {
     /// Ignores every event of the mark on the whole file system holding `path`,
     /// which must be marked already: nothing is queued any more. Only for measuring
     /// what the file-system mark costs each change before any event is made (the
-    /// `fanotify_floor --ignore-all` example). With [`MarkedEvents::NamesOnly`], the
-    /// events about contents and attributes are first taken off the mark (ignoring
-    /// them would put them back: the kernel must look at an event to ignore it),
-    /// leaving those about names: what the cheapest mark costs, though a tracker
-    /// cannot do without the others.
+    /// `fanotify_floor --ignore-all` example). With
+    /// [`MarkedEvents::NamesAndContents`], the mark first asks for the content
+    /// events as well.
     pub fn ignore_file_system(&self, path: &Path, marked: MarkedEvents) -> io::Result<()> {
         let path = c_string(path.as_os_str().as_bytes())?;
-        let ignored = match marked {
-            MarkedEvents::Tracked => TRACKED_EVENTS,
-            MarkedEvents::NamesOnly => {
-                self.mark(
-                    libc::FAN_MARK_REMOVE | libc::FAN_MARK_FILESYSTEM,
-                    CONTENT_EVENTS,
-                    libc::AT_FDCWD,
-                    Some(&path),
-                )?;
-                TRACKED_EVENTS & !CONTENT_EVENTS
-            }
+        let events = match marked {
+            MarkedEvents::Names => NAME_EVENTS,
+            MarkedEvents::NamesAndContents => NAME_EVENTS | CONTENT_EVENTS,
         };
         self.mark(
+            libc::FAN_MARK_ADD | libc::FAN_MARK_FILESYSTEM,
+            events,
+            libc::AT_FDCWD,
+            Some(&path),
+        )?;
+        self.mark(
             libc::FAN_MARK_ADD | libc::FAN_MARK_FILESYSTEM | libc::FAN_MARK_IGNORE_SURV,
-            ignored,
+            events & !libc::FAN_ONDIR,
             libc::AT_FDCWD,
             Some(&path),
         )

@@ -352,7 +352,9 @@ pub fn run(
             } else {
                 IDLE_WAIT
             };
-            vdsync_sys::wait_any_readable(&[watcher.fd(), wake.as_fd()], until_due)
+            let mut fds = watcher.fds();
+            fds.push(wake.as_fd());
+            vdsync_sys::wait_any_readable(&fds, until_due)
         };
         wait.map_err(|source| TrackError::Watch {
             path: root.clone(),
@@ -429,6 +431,9 @@ pub fn run(
                     .snapshot(SNAPSHOT_MARK_LIMIT)
                     .map_err(|err| vdsync_proto::display::error_chain(&err))
             });
+            if let Ok(snapshot) = &snapshot {
+                watcher.watch_contents(&context, snapshot);
+            }
             fences.retain(|(number, _, reply)| {
                 if *number > seen.fence {
                     return true;
@@ -584,7 +589,9 @@ fn remove_fence_files(state_dir: &Path, upto: u64) {
 /// The kernel interface feeding the journal.
 enum Watcher {
     Fanotify {
+        /// The file-system marks: events about names.
         group: Fanotify,
+        contents: Contents,
         resolver: Resolver,
         /// The state directory as events name it (file system, handle).
         state_handle: (Fsid, FileHandle),
@@ -626,6 +633,10 @@ impl Watcher {
             group.also_watch(state_dir)?;
             Ok(Watcher::Fanotify {
                 group,
+                contents: Contents {
+                    group: Fanotify::new()?,
+                    everywhere: false,
+                },
                 resolver: Resolver::default(),
                 state_handle: (
                     fanotify::fsid_of(state_dir)?,
@@ -703,6 +714,18 @@ impl Watcher {
         }
     }
 
+    /// Asks for the content events of every directory below the snapshot's
+    /// `Subtree` marks, or of the whole root if it is to be rescanned (see
+    /// [`Contents`]): called before the snapshot is answered.
+    fn watch_contents(&mut self, context: &Context<'_>, snapshot: &Snapshot) {
+        if let Watcher::Fanotify {
+            group, contents, ..
+        } = self
+        {
+            contents.watch_below(group, context, snapshot);
+        }
+    }
+
     /// Lets every event come again (see [`Ignores`]): called when the mounts below
     /// the root changed. An error is the reason the whole root must be rescanned.
     fn forget_all_ignores(&mut self) -> Result<(), String> {
@@ -720,11 +743,13 @@ impl Watcher {
         }
     }
 
-    /// The descriptor that is readable when events are queued.
-    fn fd(&self) -> std::os::fd::BorrowedFd<'_> {
+    /// The descriptors that are readable when events are queued.
+    fn fds(&self) -> Vec<std::os::fd::BorrowedFd<'_>> {
         match self {
-            Watcher::Fanotify { group, .. } => group.fd(),
-            Watcher::Inotify { inotify, .. } => inotify.fd(),
+            Watcher::Fanotify {
+                group, contents, ..
+            } => vec![group.fd(), contents.group.fd()],
+            Watcher::Inotify { inotify, .. } => vec![inotify.fd()],
         }
     }
 
@@ -736,14 +761,19 @@ impl Watcher {
         match self {
             Watcher::Fanotify {
                 group,
+                contents,
                 resolver,
                 state_handle,
                 ignores,
             } => {
-                let events = group.read(wait).map_err(|source| TrackError::Watch {
+                let read_error = |source| TrackError::Watch {
                     path: context.root.to_path_buf(),
                     source,
-                })?;
+                };
+                let mut events = group.read(wait).map_err(read_error)?;
+                // Read after the names: everything queued before a fence read just
+                // now is read too (see `Contents::read_all`).
+                events.extend(contents.read_all().map_err(read_error)?);
                 events_read = events.len();
                 for event in &events {
                     if event.is_overflow() {
@@ -850,6 +880,162 @@ fn unwatched_reason(mount: &Path, error: &str) -> String {
         "the file system mounted at {} cannot be watched ({error})",
         mount.display()
     )
+}
+
+/// The marks for the content events ([`fanotify::CONTENT_EVENTS`]: writes,
+/// closes after writing, attribute changes), one per directory of the tree, on a
+/// group of their own. On the file-system mark they would make the kernel look up
+/// the parent and name of every such change anywhere on the file system, which
+/// costs every writer on it (the `tracker-overhead` benchmark).
+///
+/// Which directories have one: every directory below the root (not excluded)
+/// that the journal does not cover with a `Subtree` mark or a rescan of the whole
+/// root. A snapshot, before it is answered, places the marks below each of its
+/// `Subtree` marks (or the whole root), so they are in place before the push it is
+/// for clears those: a change made before its directory's mark was placed is
+/// seen by that push's scan, one made after has its event. A directory that is
+/// created or moved in, or appears with a mount, has a `Subtree` mark from that
+/// event; one the tracker did not hear of (before it started, or in an overflow)
+/// lies under a rescan of the whole root. Marks move with their directories and go
+/// when they are deleted. So a tracker that has not answered a snapshot yet has
+/// none (its first one rescans the whole root), and `tar -x` into a new directory
+/// makes no content event at all.
+///
+/// A mark pins its directory's inode in memory (about a kilobyte each, as an
+/// inotify watch). When the kernel refuses more (`max_user_marks`), the
+/// file-system marks ask for the content events instead: every change then costs
+/// writers more, and none is lost.
+struct Contents {
+    group: Fanotify,
+    /// The file-system marks ask for the content events: no more marks here.
+    everywhere: bool,
+}
+
+/// The kernel's default queue length (`max_queued_events`): a read of this many
+/// events has read everything that was queued before it began.
+const QUEUE_LENGTH: usize = 16_384;
+
+impl Contents {
+    /// Reads the queued events until the queue is empty or as many as it holds
+    /// were read: every event queued before the call is then read (the queue is
+    /// first in, first out), so a fence read from the names group before this
+    /// call has no content event of before it left behind.
+    fn read_all(&mut self) -> std::io::Result<Vec<fanotify::Event>> {
+        let mut events = Vec::new();
+        loop {
+            let read = self.group.read(Duration::ZERO)?;
+            if read.is_empty() {
+                return Ok(events);
+            }
+            events.extend(read);
+            if events.len() >= QUEUE_LENGTH {
+                return Ok(events);
+            }
+        }
+    }
+
+    /// Places the marks below every `Subtree` mark of `snapshot`, or below the
+    /// root if it asks for a full rescan.
+    fn watch_below(&mut self, names: &mut Fanotify, context: &Context<'_>, snapshot: &Snapshot) {
+        if self.everywhere {
+            return;
+        }
+        let tops: Vec<PathBuf> = if snapshot.root.is_some() {
+            vec![context.root.to_path_buf()]
+        } else {
+            snapshot
+                .marks
+                .iter()
+                .filter(|(_, mark)| *mark == Mark::Subtree)
+                .map(|(path, _)| {
+                    context
+                        .root
+                        .join(std::ffi::OsStr::from_bytes(path.as_bytes()))
+                })
+                .collect()
+        };
+        let mut directories = 0usize;
+        for top in tops {
+            if let Err(err) = self.watch_tree(context, top, &mut directories) {
+                tracing::warn!(
+                    error = %err,
+                    "directories cannot all have their own mark for content events; the file-system marks ask for them instead, which costs every writer more"
+                );
+                match names.hear_contents_everywhere() {
+                    Ok(()) => self.everywhere = true,
+                    Err(err) => {
+                        tracing::warn!(error = %err, "the file-system marks cannot ask for content events either")
+                    }
+                }
+                return;
+            }
+        }
+        tracing::debug!(directories, "tracker: content marks placed");
+    }
+
+    /// Marks `top` and every directory below it that is in the tree. Directories
+    /// gone or replaced meanwhile are skipped (their replacement came with an
+    /// event); an error is a mark the kernel refused.
+    fn watch_tree(
+        &self,
+        context: &Context<'_>,
+        top: PathBuf,
+        directories: &mut usize,
+    ) -> std::io::Result<()> {
+        use rustix::fs::{FileType, OFlags};
+        use vdsync_sys::Errno;
+        let mut pending = vec![top];
+        while let Some(directory) = pending.pop() {
+            let flags = OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC;
+            let fd = match rustix::fs::open(&directory, flags, rustix::fs::Mode::empty()) {
+                Ok(fd) => fd,
+                // Gone, replaced by something else, or unreadable: nothing to mark
+                // (a replacement came with an event of its own).
+                Err(_) => continue,
+            };
+            match self.group.watch_contents(fd.as_fd()) {
+                Ok(()) => *directories += 1,
+                // A file system without file handles: it is not watched at all, and
+                // every push rescans the root while it is mounted.
+                Err(err)
+                    if matches!(
+                        vdsync_sys::errno(&err),
+                        Some(Errno::XDEV | Errno::NODEV | Errno::OPNOTSUPP | Errno::NOTDIR)
+                    ) =>
+                {
+                    continue
+                }
+                Err(err) => return Err(err),
+            }
+            let Ok(entries) = rustix::fs::Dir::read_from(&fd) else {
+                continue;
+            };
+            for entry in entries.flatten() {
+                let name = entry.file_name().to_bytes();
+                if name == b"." || name == b".." {
+                    continue;
+                }
+                let is_directory = match entry.file_type() {
+                    FileType::Directory => true,
+                    FileType::Unknown => rustix::fs::statat(
+                        &fd,
+                        entry.file_name(),
+                        rustix::fs::AtFlags::SYMLINK_NOFOLLOW,
+                    )
+                    .is_ok_and(|stat| FileType::from_raw_mode(stat.st_mode) == FileType::Directory),
+                    _ => false,
+                };
+                if !is_directory {
+                    continue;
+                }
+                let child = directory.join(std::ffi::OsStr::from_bytes(name));
+                if context.relative(&child).is_some() {
+                    pending.push(child);
+                }
+            }
+        }
+        Ok(())
+    }
 }
 
 /// Directories whose entries' events the kernel drops: new ones until the next
