@@ -5,6 +5,8 @@
 //! A test binary of its own: `max_user_marks` is one number for all of root's
 //! fanotify groups, so lowering it would break other tests running beside it.
 
+#![allow(clippy::unwrap_used)]
+
 use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::{Command, Stdio};
