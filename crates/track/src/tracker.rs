@@ -1042,10 +1042,10 @@ impl Contents {
 /// snapshot, those nothing is pushed from until a directory moves.
 ///
 /// A directory created since the last snapshot is marked `Subtree`: the push looks
-/// at all of it. So the events of the files written into it (`tar -x`, `git clone`,
-/// `npm install`: five or six per file, each costing the writer about a
-/// microsecond) tell the tracker nothing, and an ignore mark on it stops them in the
-/// kernel ([`Fanotify::ignore_entries`]). Subdirectories still report their own
+/// at all of it. So the name events of the files written into it (`tar -x`, `git
+/// clone`, `npm install`: one or two per file; it has no content mark yet, see
+/// [`Contents`]) tell the tracker nothing, and an ignore mark on it stops them in
+/// the kernel ([`Fanotify::ignore_entries`]). Subdirectories still report their own
 /// creation, and get their own mark. A file moved out still reports its arrival.
 ///
 /// The same goes for a directory nothing is pushed from (outside the root, other
