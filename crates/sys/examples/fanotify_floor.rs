@@ -1,4 +1,4 @@
-//! `fanotify_floor [--ignore-all [--with-contents]] DIR`: what the kernel's part of
+//! `fanotify_floor [--ignore-all] [--with-contents] DIR`: what the kernel's part of
 //! fanotify costs a writer. It asks for the events `vdsync track` asks for on a
 //! whole file system ([`NAME_EVENTS`], one `FAN_MARK_FILESYSTEM` mark,
 //! `FAN_REPORT_DFID_NAME`), reads them at the tracker's pace when busy (after a
@@ -16,11 +16,11 @@
 //! file-system mark costs each change before any event is made. No fanotify
 //! tracker of a whole file system costs less than that.
 //!
-//! With `--with-contents` as well, the mark also asks for (and ignores) the events
-//! about contents and attributes ([`CONTENT_EVENTS`]), which the tracker asks for
-//! per directory of its tree instead: what one file-system mark hearing everything
-//! would cost, because the kernel then looks up the parent and name of every write,
-//! `chmod` and close anywhere on the file system.
+//! With `--with-contents`, the mark also asks for the events about contents and
+//! attributes ([`CONTENT_EVENTS`]), which the tracker asks for per directory of its
+//! tree instead: what one file-system mark hearing everything would cost, because
+//! the kernel then looks up the parent and name of every write, `chmod` and close
+//! anywhere on the file system.
 //!
 //! Prints `ready` once the mark is in place, then runs until killed.
 //!
@@ -31,7 +31,7 @@ use std::io::Write;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use vdsync_sys::fanotify::{Fanotify, MarkedEvents};
+use vdsync_sys::fanotify::Fanotify;
 
 /// The tracker's `BUSY_READ_DELAY`.
 const BUSY_READ_DELAY: Duration = Duration::from_millis(10);
@@ -48,8 +48,8 @@ fn main() {
     };
     let ignore_all = flag("--ignore-all");
     let with_contents = flag("--with-contents");
-    let ([directory], true) = (arguments.as_slice(), ignore_all || !with_contents) else {
-        eprintln!("usage: fanotify_floor [--ignore-all [--with-contents]] DIR");
+    let [directory] = arguments.as_slice() else {
+        eprintln!("usage: fanotify_floor [--ignore-all] [--with-contents] DIR");
         std::process::exit(2);
     };
     let directory = PathBuf::from(directory);
@@ -63,13 +63,17 @@ fn main() {
             std::process::exit(1);
         }
     };
+    if with_contents {
+        if let Err(err) = group.hear_contents_everywhere() {
+            eprintln!(
+                "fanotify_floor: cannot ask for content events on {}: {err}",
+                directory.display()
+            );
+            std::process::exit(1);
+        }
+    }
     if ignore_all {
-        let marked = if with_contents {
-            MarkedEvents::NamesAndContents
-        } else {
-            MarkedEvents::Names
-        };
-        if let Err(err) = group.ignore_file_system(&directory, marked) {
+        if let Err(err) = group.ignore_file_system(&directory) {
             eprintln!(
                 "fanotify_floor: cannot ignore the events on {}: {err}",
                 directory.display()

@@ -45,16 +45,6 @@ pub const NAME_EVENTS: u64 = libc::FAN_CREATE
 /// changes of mode, owner, times, extended attributes or link count.
 pub const CONTENT_EVENTS: u64 = libc::FAN_MODIFY | libc::FAN_ATTRIB | libc::FAN_CLOSE_WRITE;
 
-/// Which events a file-system mark asks for, in [`Fanotify::ignore_file_system`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum MarkedEvents {
-    /// The tracker's: [`NAME_EVENTS`].
-    Names,
-    /// [`NAME_EVENTS`] and [`CONTENT_EVENTS`], as if one file-system mark heard
-    /// everything.
-    NamesAndContents,
-}
-
 /// What [`Fanotify::ignore_entries`] stops: the name events in a directory, but not
 /// those of its subdirectories (no `FAN_ONDIR`). No `FAN_EVENT_ON_CHILD`: with it,
 /// the kernel would look up the parent of every change to an entry.
@@ -214,14 +204,20 @@ impl Fanotify {
         if self.mounts.contains_key(&fsid) {
             return Ok(false);
         }
-        self.mark(
-            libc::FAN_MARK_ADD | libc::FAN_MARK_FILESYSTEM,
-            self.file_system_events,
-            libc::AT_FDCWD,
-            Some(&c_string(path.as_os_str().as_bytes())?),
-        )?;
+        self.mark_file_system(path, 0, self.file_system_events)?;
         self.mounts.insert(fsid, path.to_path_buf());
         Ok(true)
+    }
+
+    /// Adds `events` to the mark on the whole file system holding `path` (to its
+    /// ignore mask with `FAN_MARK_IGNORE_SURV` in `flags`).
+    fn mark_file_system(&self, path: &Path, flags: libc::c_uint, events: u64) -> io::Result<()> {
+        self.mark(
+            libc::FAN_MARK_ADD | libc::FAN_MARK_FILESYSTEM | flags,
+            events,
+            libc::AT_FDCWD,
+            Some(&c_string(path.as_os_str().as_bytes())?),
+        )
     }
 
     /// Has the file-system marks ask for the content events too, now and on every
@@ -231,12 +227,7 @@ impl Fanotify {
     pub fn hear_contents_everywhere(&mut self) -> io::Result<()> {
         self.file_system_events = NAME_EVENTS | CONTENT_EVENTS;
         for path in self.mounts.values() {
-            self.mark(
-                libc::FAN_MARK_ADD | libc::FAN_MARK_FILESYSTEM,
-                self.file_system_events,
-                libc::AT_FDCWD,
-                Some(&c_string(path.as_os_str().as_bytes())?),
-            )?;
+            self.mark_file_system(path, 0, self.file_system_events)?;
         }
         Ok(())
     }
@@ -273,30 +264,13 @@ impl Fanotify {
         )
     }
 
-    /// Ignores every event of the mark on the whole file system holding `path`,
-    /// which must be marked already: nothing is queued any more. Only for measuring
-    /// what the file-system mark costs each change before any event is made (the
-    /// `fanotify_floor --ignore-all` example). With
-    /// [`MarkedEvents::NamesAndContents`], the mark first asks for the content
-    /// events as well.
-    pub fn ignore_file_system(&self, path: &Path, marked: MarkedEvents) -> io::Result<()> {
-        let path = c_string(path.as_os_str().as_bytes())?;
-        let events = match marked {
-            MarkedEvents::Names => NAME_EVENTS,
-            MarkedEvents::NamesAndContents => NAME_EVENTS | CONTENT_EVENTS,
-        };
-        self.mark(
-            libc::FAN_MARK_ADD | libc::FAN_MARK_FILESYSTEM,
-            events,
-            libc::AT_FDCWD,
-            Some(&path),
-        )?;
-        self.mark(
-            libc::FAN_MARK_ADD | libc::FAN_MARK_FILESYSTEM | libc::FAN_MARK_IGNORE_SURV,
-            events & !libc::FAN_ONDIR,
-            libc::AT_FDCWD,
-            Some(&path),
-        )
+    /// Ignores every event the marks ask for on the whole file system holding
+    /// `path`, which must be marked already: nothing is queued any more. Only for
+    /// measuring what the file-system mark costs each change before any event is
+    /// made (the `fanotify_floor --ignore-all` example; with `--with-contents`,
+    /// after [`Fanotify::hear_contents_everywhere`]).
+    pub fn ignore_file_system(&self, path: &Path) -> io::Result<()> {
+        self.mark_file_system(path, libc::FAN_MARK_IGNORE_SURV, self.file_system_events)
     }
 
     /// Removes every mark set by [`Fanotify::ignore_entries`]: all their events come

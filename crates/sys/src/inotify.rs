@@ -111,11 +111,7 @@ pub struct RecursiveInotify {
 /// Errors that mean the directory vanished or was replaced between seeing it and
 /// watching or listing it: not a failure, its parent's events cover it.
 fn vanished(errno: Errno) -> bool {
-    matches!(errno, Errno::NOENT | Errno::NOTDIR | Errno::LOOP)
-}
-
-fn io_vanished(err: &io::Error) -> bool {
-    Errno::from_io_error(err).is_some_and(vanished)
+    crate::vanished(&io::Error::from(errno))
 }
 
 fn watch_error(path: &Path, errno: Errno) -> io::Error {
@@ -138,10 +134,6 @@ fn watch_error(path: &Path, errno: Errno) -> io::Error {
             ),
         )
     }
-}
-
-fn list_error(path: &Path, err: &io::Error) -> io::Error {
-    io::Error::new(err.kind(), format!("cannot list {}: {err}", path.display()))
 }
 
 impl RecursiveInotify {
@@ -413,45 +405,27 @@ impl RecursiveInotify {
     /// directory is listed. Excluded directories, symlinks and directories that
     /// vanish meanwhile are skipped.
     fn watch_tree(&mut self, top: &Path) -> io::Result<()> {
-        let mut pending = vec![top.to_path_buf()];
-        while let Some(dir) = pending.pop() {
-            if dir != self.root && (self.exclude)(&dir) {
-                continue;
+        crate::walk_directories(top, |dir| {
+            if dir != self.root && (self.exclude)(dir) {
+                return Ok(false);
             }
-            let wd = match inotify::add_watch(&self.fd, &dir, directory_watch_flags()) {
+            let wd = match inotify::add_watch(&self.fd, dir, directory_watch_flags()) {
                 Ok(wd) => wd,
-                Err(errno) if vanished(errno) => continue,
-                Err(errno) => return Err(watch_error(&dir, errno)),
+                Err(errno) if vanished(errno) => return Ok(false),
+                Err(errno) => return Err(watch_error(dir, errno)),
             };
             match self.dirs_by_watch.get(&wd) {
                 // The same directory under another path: a bind mount inside the
                 // tree, or a rename whose events are still queued (handled when
                 // they are read). Descending could loop forever on a bind mount.
-                Some(known) if *known != dir => continue,
-                Some(_) => {}
-                None => self.insert_watch(dir.clone(), wd),
-            }
-            let entries = match std::fs::read_dir(&dir) {
-                Ok(entries) => entries,
-                Err(err) if io_vanished(&err) => continue,
-                Err(err) => return Err(list_error(&dir, &err)),
-            };
-            for entry in entries {
-                let entry = match entry {
-                    Ok(entry) => entry,
-                    Err(err) if io_vanished(&err) => break,
-                    Err(err) => return Err(list_error(&dir, &err)),
-                };
-                // `file_type` does not follow symlinks.
-                match entry.file_type() {
-                    Ok(file_type) if file_type.is_dir() => pending.push(entry.path()),
-                    Ok(_) => {}
-                    Err(err) if io_vanished(&err) => {}
-                    Err(err) => return Err(list_error(&entry.path(), &err)),
+                Some(known) if known != dir => Ok(false),
+                Some(_) => Ok(true),
+                None => {
+                    self.insert_watch(dir.to_path_buf(), wd);
+                    Ok(true)
                 }
             }
-        }
-        Ok(())
+        })
     }
 
     /// Removes the watches on `top` and everything below it. The kernel may have

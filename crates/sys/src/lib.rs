@@ -77,6 +77,52 @@ impl RootDir {
     }
 }
 
+/// Calls `visit` on `top` and on every directory below it, depth first, each before
+/// it is listed, never through a symlink; `visit` says whether to go below it. A
+/// directory that vanishes or is replaced meanwhile (`ENOENT`, `ENOTDIR`, `ELOOP`)
+/// is skipped: whoever walks for a watch hears of its replacement. Any other error
+/// listing one is returned, naming it.
+pub fn walk_directories(
+    top: &Path,
+    mut visit: impl FnMut(&Path) -> io::Result<bool>,
+) -> io::Result<()> {
+    let list_error = |path: &Path, err: &io::Error| {
+        io::Error::new(err.kind(), format!("cannot list {}: {err}", path.display()))
+    };
+    let mut pending = vec![top.to_path_buf()];
+    while let Some(dir) = pending.pop() {
+        if !visit(&dir)? {
+            continue;
+        }
+        let entries = match std::fs::read_dir(&dir) {
+            Ok(entries) => entries,
+            Err(err) if vanished(&err) => continue,
+            Err(err) => return Err(list_error(&dir, &err)),
+        };
+        for entry in entries {
+            let entry = match entry {
+                Ok(entry) => entry,
+                Err(err) if vanished(&err) => break,
+                Err(err) => return Err(list_error(&dir, &err)),
+            };
+            // `file_type` does not follow symlinks.
+            match entry.file_type() {
+                Ok(file_type) if file_type.is_dir() => pending.push(entry.path()),
+                Ok(_) => {}
+                Err(err) if vanished(&err) => {}
+                Err(err) => return Err(list_error(&entry.path(), &err)),
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Whether `err` means the path vanished or was replaced by something else since
+/// it was seen (`ENOENT`, `ENOTDIR`, `ELOOP`).
+pub fn vanished(err: &io::Error) -> bool {
+    matches!(errno(err), Some(Errno::NOENT | Errno::NOTDIR | Errno::LOOP))
+}
+
 /// What is at `name` in `dir`, without following a symlink; `None` if nothing is.
 pub fn lstat_at(dir: BorrowedFd<'_>, name: &[u8]) -> io::Result<Option<rustix::fs::Stat>> {
     match rustix::fs::statat(dir, OsStr::from_bytes(name), AtFlags::SYMLINK_NOFOLLOW) {

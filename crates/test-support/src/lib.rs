@@ -200,6 +200,20 @@ pub fn output_within(command: &mut Command, timeout: Duration) -> Output {
     output
 }
 
+/// Spawns `vdsync track` (`command`, its stdout made a pipe here) in its own process
+/// group and waits for its first line, "tracking ...": its marks are in place from
+/// then on. Returns the process and that line.
+pub fn spawn_tracker(command: &mut Command) -> (GroupChild, String) {
+    command.stdout(Stdio::piped());
+    let mut tracker = GroupChild::spawn(command);
+    let mut line = String::new();
+    if let Some(stdout) = tracker.child.stdout.take() {
+        let _ = BufReader::new(stdout).read_line(&mut line);
+    }
+    assert!(line.starts_with("tracking "), "the tracker said {line:?}");
+    (tracker, line)
+}
+
 /// A repository (`repo init` + `repo serve` on port 0) in a temporary directory.
 pub struct TestRepo {
     pub url: String,

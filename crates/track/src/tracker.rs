@@ -954,9 +954,9 @@ impl Contents {
                 })
                 .collect()
         };
-        let mut directories = 0usize;
+        let mut marked = HashSet::new();
         for top in tops {
-            if let Err(err) = self.watch_tree(context, top, &mut directories) {
+            if let Err(err) = self.watch_tree(context, &top, &mut marked) {
                 tracing::warn!(
                     error = %err,
                     "directories cannot all have their own mark for content events; the file-system marks ask for them instead, which costs every writer more"
@@ -970,71 +970,51 @@ impl Contents {
                 return;
             }
         }
-        tracing::debug!(directories, "tracker: content marks placed");
+        tracing::debug!(directories = marked.len(), "tracker: content marks placed");
     }
 
-    /// Marks `top` and every directory below it that is in the tree. Directories
+    /// Marks `top` and every directory below it that is in the tree (each once: a
+    /// bind mount inside the tree would otherwise be walked forever). Directories
     /// gone or replaced meanwhile are skipped (their replacement came with an
-    /// event); an error is a mark the kernel refused.
+    /// event); an error is a mark the kernel refused or a directory that could not
+    /// be listed.
     fn watch_tree(
         &self,
         context: &Context<'_>,
-        top: PathBuf,
-        directories: &mut usize,
+        top: &Path,
+        marked: &mut HashSet<(u64, u64)>,
     ) -> std::io::Result<()> {
-        use rustix::fs::{FileType, OFlags};
+        use rustix::fs::OFlags;
         use vdsync_sys::Errno;
-        let mut pending = vec![top];
-        while let Some(directory) = pending.pop() {
+        vdsync_sys::walk_directories(top, |directory| {
+            if directory != top && context.relative(directory).is_none() {
+                return Ok(false);
+            }
             let flags = OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC;
-            let fd = match rustix::fs::open(&directory, flags, rustix::fs::Mode::empty()) {
-                Ok(fd) => fd,
-                // Gone, replaced by something else, or unreadable: nothing to mark
-                // (a replacement came with an event of its own).
-                Err(_) => continue,
+            let Ok(fd) = rustix::fs::open(directory, flags, rustix::fs::Mode::empty()) else {
+                // Gone or replaced by something else: its replacement came with an
+                // event of its own.
+                return Ok(false);
             };
+            let stat = rustix::fs::fstat(&fd)?;
+            if !marked.insert((stat.st_dev, stat.st_ino)) {
+                return Ok(false);
+            }
             match self.group.watch_contents(fd.as_fd()) {
-                Ok(()) => *directories += 1,
+                Ok(()) => Ok(true),
                 // A file system without file handles: it is not watched at all, and
                 // every push rescans the root while it is mounted.
                 Err(err)
                     if matches!(
                         vdsync_sys::errno(&err),
-                        Some(Errno::XDEV | Errno::NODEV | Errno::OPNOTSUPP | Errno::NOTDIR)
+                        Some(Errno::XDEV | Errno::NODEV | Errno::OPNOTSUPP)
                     ) =>
                 {
-                    continue
+                    Ok(false)
                 }
-                Err(err) => return Err(err),
+                Err(err) => Err(err),
             }
-            let Ok(entries) = rustix::fs::Dir::read_from(&fd) else {
-                continue;
-            };
-            for entry in entries.flatten() {
-                let name = entry.file_name().to_bytes();
-                if name == b"." || name == b".." {
-                    continue;
-                }
-                let is_directory = match entry.file_type() {
-                    FileType::Directory => true,
-                    FileType::Unknown => rustix::fs::statat(
-                        &fd,
-                        entry.file_name(),
-                        rustix::fs::AtFlags::SYMLINK_NOFOLLOW,
-                    )
-                    .is_ok_and(|stat| FileType::from_raw_mode(stat.st_mode) == FileType::Directory),
-                    _ => false,
-                };
-                if !is_directory {
-                    continue;
-                }
-                let child = directory.join(std::ffi::OsStr::from_bytes(name));
-                if context.relative(&child).is_some() {
-                    pending.push(child);
-                }
-            }
-        }
-        Ok(())
+        })
     }
 }
 
@@ -1361,18 +1341,20 @@ impl ClientPool {
 }
 
 fn answer_client(stream: UnixStream, clients: &Clients) -> std::io::Result<()> {
-    stream.set_read_timeout(Some(CLIENT_REQUEST_TIMEOUT))?;
-    let mut reader = BufReader::new(stream.try_clone()?);
-    let mut line = String::new();
-    reader.read_line(&mut line)?;
-    tracing::debug!("tracker: request read");
-    let response = match (
-        refuse_stranger(&stream),
-        serde_json::from_str::<Request>(&line),
-    ) {
-        (Some(refusal), _) => Response::Error(refusal),
-        (None, Ok(request)) => answer(clients, request),
-        (None, Err(err)) => Response::Error(format!("bad request: {err}")),
+    let response = match refuse_stranger(&stream) {
+        // Answered without waiting for its request.
+        Some(refusal) => Response::Error(refusal),
+        None => {
+            stream.set_read_timeout(Some(CLIENT_REQUEST_TIMEOUT))?;
+            let mut reader = BufReader::new(stream.try_clone()?);
+            let mut line = String::new();
+            reader.read_line(&mut line)?;
+            tracing::debug!("tracker: request read");
+            match serde_json::from_str::<Request>(&line) {
+                Ok(request) => answer(clients, request),
+                Err(err) => Response::Error(format!("bad request: {err}")),
+            }
+        }
     };
     // One write per message: serde_json writes token by token.
     tracing::debug!("tracker: answer ready");

@@ -4,13 +4,13 @@
 
 #![allow(clippy::unwrap_used)]
 
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use vdsync_test_support::{
-    assert_trees_equal, describe_tree, tempdir, wait_until, GroupChild, Mount, TestRepo, Vdsync,
+    assert_trees_equal, describe_tree, spawn_tracker, tempdir, wait_until, GroupChild, Mount,
+    TestRepo, Vdsync,
 };
 
 fn vdsync() -> Vdsync {
@@ -111,14 +111,9 @@ impl Lab {
             .arg(&self.dev)
             .arg("--state")
             .arg(&self.state);
-        command.stdout(Stdio::piped()).stderr(Stdio::null());
-        let mut tracker = GroupChild::spawn(&mut command);
-        let mut line = String::new();
-        BufReader::new(tracker.child.stdout.take().unwrap())
-            .read_line(&mut line)
-            .unwrap();
-        assert!(line.starts_with("tracking "), "tracker said {line:?}");
-        self.tracker_said = line;
+        command.stderr(Stdio::null());
+        let (tracker, said) = spawn_tracker(&mut command);
+        self.tracker_said = said;
         self.tracker = Some(tracker);
     }
 

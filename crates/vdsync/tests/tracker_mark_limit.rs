@@ -7,12 +7,11 @@
 
 #![allow(clippy::unwrap_used)]
 
-use std::io::{BufRead, BufReader};
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
-use vdsync_test_support::{tempdir, wait_until, GroupChild, TestRepo, Vdsync};
+use vdsync_test_support::{spawn_tracker, tempdir, wait_until, TestRepo, Vdsync};
 
 const MAX_USER_MARKS: &str = "/proc/sys/fs/fanotify/max_user_marks";
 
@@ -85,14 +84,8 @@ fn when_the_kernel_refuses_directory_marks_content_changes_are_still_heard() {
         .arg(&dev)
         .arg("--state")
         .arg(&state)
-        .stdout(Stdio::piped())
         .stderr(std::fs::File::create(&log_path).unwrap());
-    let mut tracker = GroupChild::spawn(&mut command);
-    let mut line = String::new();
-    BufReader::new(tracker.child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    assert!(line.starts_with("tracking "), "tracker said {line:?}");
+    let _tracker = spawn_tracker(&mut command);
 
     // Room for a few of the 41 directory marks the first snapshot places.
     let _limit = MarkLimit::set(marks_in_use() + 5);
