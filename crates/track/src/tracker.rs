@@ -1684,7 +1684,15 @@ impl Connection {
             .map_err(io_error)?;
         let mut message = serde_json::to_vec(request).map_err(|err| io_error(err.into()))?;
         message.push(b'\n');
-        stream.write_all(&message).map_err(io_error)?;
+        if let Err(err) = stream.write_all(&message) {
+            // A tracker that refuses a client answers without reading its request
+            // and closes: the answer may be waiting while the request cannot go.
+            let mut answer = String::new();
+            return match BufReader::new(&stream).read_line(&mut answer) {
+                Ok(_) if !answer.is_empty() => Err(answered_unasked(&answer)),
+                _ => Err(io_error(err)),
+            };
+        }
         Ok(Some(Connection {
             stream,
             socket_path,
@@ -1701,5 +1709,47 @@ impl Connection {
             })?;
         serde_json::from_str(&line)
             .map_err(|err| TrackError::Tracker(format!("unreadable answer: {err}")))
+    }
+}
+
+/// What a tracker that answered before it read the request said: its refusal, or
+/// the line itself if it is not one.
+fn answered_unasked(line: &str) -> TrackError {
+    match serde_json::from_str(line) {
+        Ok(Response::Error(refusal)) => TrackError::Tracker(refusal),
+        _ => TrackError::Tracker(format!("answered before it was asked: {}", line.trim_end())),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::net::UnixListener;
+
+    #[test]
+    fn a_refusal_sent_before_the_request_could_be_is_what_the_client_reports() {
+        let state = tempfile::tempdir().unwrap();
+        let listener = UnixListener::bind(state.path().join(SOCKET_NAME)).unwrap();
+        let tracker = std::thread::spawn(move || {
+            let (mut stream, _) = listener.accept().unwrap();
+            let mut refusal = serde_json::to_vec(&Response::Error("not you".into())).unwrap();
+            refusal.push(b'\n');
+            stream.write_all(&refusal).unwrap();
+        });
+        // Big enough that its write cannot finish before the tracker has closed.
+        let request = Request::Push(PushRequest {
+            root: PathBuf::from("/"),
+            repo: String::new(),
+            message: "m".repeat(8 << 20),
+            excludes: Vec::new(),
+            excluded_paths: Vec::new(),
+        });
+        let refused = Connection::send(state.path(), &request);
+        tracker.join().unwrap();
+        match refused {
+            Err(TrackError::Tracker(message)) => assert_eq!(message, "not you"),
+            Err(other) => panic!("the refusal was lost: {other}"),
+            Ok(_) => panic!("a request larger than the socket's buffers was all sent"),
+        }
     }
 }
