@@ -77,6 +77,12 @@ struct Record {
     /// Each file opened, with the incarnation of its inode last opened.
     opened: HashMap<FileId, Incarnation>,
     launch: Option<Launch>,
+    /// An exec of this process was read, from either stream. The two streams are
+    /// not ordered with each other, so its fork may be read after its exec; a fork
+    /// read then must not link it to its parent, or everything the parent opens
+    /// from then on would count as this process's (should the connector lose the
+    /// exec event that would end the link again).
+    executed: bool,
     alive: bool,
     /// Live or remembered records whose `forked_from` is this one.
     children: usize,
@@ -574,7 +580,7 @@ fn on_process_event(state: &mut State, event: ProcEvent) {
             };
             state.touched.insert(child, state.sequence);
             let record = state.records.entry(child_key).or_default();
-            if record.forked_from.is_none() && record.launch.is_none() {
+            if record.forked_from.is_none() && !record.executed {
                 record.forked_from = Some(parent_key);
                 if let Some(parent_record) = state.records.get_mut(&parent_key) {
                     parent_record.children += 1;
@@ -589,6 +595,7 @@ fn on_process_event(state: &mut State, event: ProcEvent) {
             let launch = read_launch(pid);
             if let Some(record) = state.records.get_mut(&key) {
                 record.launch = launch;
+                record.executed = true;
             }
             // A new program inherits nothing from the process it was forked from,
             // from now on. (What it opened itself is dropped at its FAN_OPEN_EXEC,
@@ -682,6 +689,7 @@ fn start_afresh(state: &mut State, key: ProcessKey) {
     let Some(record) = state.records.get_mut(&key) else {
         return;
     };
+    record.executed = true;
     let opened = std::mem::take(&mut record.opened);
     state.pairs -= opened.len();
     for file in opened.into_keys() {
@@ -880,6 +888,57 @@ sys.stdin.read(); other.kill(); os.kill(pid, 9)\n";
             !openers.contains(&execed),
             "the child running sleep inherited its parent's open: {openers:?}"
         );
+    }
+
+    /// The two streams in each order they can be read in, with the connector's exec
+    /// event lost (as it is when its socket overflows): a child that ran another
+    /// program must not inherit what its parent opens afterwards.
+    #[test]
+    fn a_fork_read_after_the_exec_does_not_link_the_child_to_its_parent() {
+        use vdsync_sys::open_events::OpenEvent;
+        let parent = std::process::id() as i32;
+        let child = Python::run("import sys; sys.stdin.read()", Path::new("-"));
+        let (program, config) = (FileId { dev: 1, ino: 1 }, FileId { dev: 1, ino: 2 });
+        let open = |pid: i32, file: FileId, exec: bool| OpenBatch {
+            events: vec![OpenEvent {
+                pid,
+                file,
+                incarnation: 0,
+                exec,
+            }],
+            overflowed: false,
+        };
+        let fork = ProcEvent::Fork {
+            parent,
+            child: child.pid(),
+        };
+        let inherits = |state: &mut State| {
+            on_opens(state, open(parent, config, false));
+            let child_key = key_of(state, child.pid()).unwrap();
+            let parent_key = key_of(state, parent).unwrap();
+            chain(state, child_key).any(|member| member == parent_key)
+        };
+
+        let mut exec_first = State::default();
+        on_opens(&mut exec_first, open(child.pid(), program, true));
+        on_process_event(&mut exec_first, fork);
+        assert!(
+            !inherits(&mut exec_first),
+            "a fork read after the FAN_OPEN_EXEC linked the child to its parent"
+        );
+
+        let mut fork_first = State::default();
+        on_process_event(&mut fork_first, fork);
+        on_opens(&mut fork_first, open(child.pid(), program, true));
+        assert!(
+            !inherits(&mut fork_first),
+            "the FAN_OPEN_EXEC did not end the child's inheritance"
+        );
+
+        // The control: a child that did not run another program inherits.
+        let mut forked_only = State::default();
+        on_process_event(&mut forked_only, fork);
+        assert!(inherits(&mut forked_only), "a forked child did not inherit");
     }
 
     #[test]
