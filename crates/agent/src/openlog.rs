@@ -892,7 +892,8 @@ sys.stdin.read(); other.kill(); os.kill(pid, 9)\n";
 
     /// The two streams in each order they can be read in, with the connector's exec
     /// event lost (as it is when its socket overflows): a child that ran another
-    /// program must not inherit what its parent opens afterwards.
+    /// program must not inherit what its parent opens afterwards. Regression: a
+    /// fork read after the `FAN_OPEN_EXEC` linked the child for good.
     #[test]
     fn a_fork_read_after_the_exec_does_not_link_the_child_to_its_parent() {
         use vdsync_sys::open_events::OpenEvent;

@@ -1726,6 +1726,9 @@ mod tests {
     use super::*;
     use std::os::unix::net::UnixListener;
 
+    /// Regression: a refused client's write failed (EPIPE) when the tracker had
+    /// already answered and closed, and the client reported that instead of the
+    /// refusal waiting in its socket (the stranger test failed so in CI).
     #[test]
     fn a_refusal_sent_before_the_request_could_be_is_what_the_client_reports() {
         let state = tempfile::tempdir().unwrap();
