@@ -20,9 +20,14 @@ use clap::{Args, Parser, Subcommand};
     long_about = "vdsync ships file changes made on a development machine to a fleet of running \
 machines. `push` turns the changes into a numbered, immutable version at the repository \
 (`repo serve`); every machine's `agent` follows the repository's head and applies each \
-version atomically.\n\nA typical session:\n  vdsync repo init --data /srv/vdsync --from-dir /srv/base-tree\n  \
-vdsync repo serve --data /srv/vdsync --listen 0.0.0.0:7468\n  vdsync agent --root / --repo http://repo:7468     # on every machine\n  \
-vdsync push --root / --repo http://repo:7468 --rescan -m 'new nginx.conf'   # on the development machine"
+version atomically. On the development machine, `track` journals every change as it is \
+made, so that `status` and `push` read only what changed.\n\nA typical session:\n  \
+vdsync repo init --data /srv/vdsync --from-dir /srv/base-tree\n  \
+vdsync repo serve --data /srv/vdsync --listen 0.0.0.0:7468\n  \
+vdsync agent --root / --repo http://repo:7468     # on every machine\n  \
+vdsync track --root /                             # on the development machine, left running\n  \
+vdsync status --root /                            # what the next push sends\n  \
+vdsync push --root / --repo http://repo:7468 -m 'new nginx.conf'"
 )]
 struct Cli {
     #[command(subcommand)]
@@ -35,16 +40,24 @@ enum Command {
     #[command(subcommand)]
     Repo(RepoCommand),
     /// Record every change under the root in a journal (foreground daemon)
+    ///
+    /// Leave it running on the development machine: `status` and `push` then read
+    /// only the paths its journal names (and the tracker makes the push itself), so
+    /// a push costs in proportion to the changes, not to the tree. The journal lives
+    /// in --state and survives restarts. Changes made while no tracker ran, a
+    /// kernel queue that overflowed, or any other doubt mark the part concerned (or
+    /// the whole root) for a rescan, which `status` shows and the next push makes.
+    /// SIGTERM or Ctrl-C stops it.
     Track(TrackArgs),
     /// Show the changes not yet pushed, like `git status`
     Status(StatusArgs),
     /// Send the development tree's changes as the next version
     ///
-    /// With a tracker running on the same --state, the tracker makes a push of the
-    /// changes its journal names itself (it holds the index and the repository's
-    /// connection already) and this command prints its report; a full scan or a
-    /// large push is made here. Without a tracker, the whole tree is compared with
-    /// the last push.
+    /// With `vdsync track` running on the same --state, only the paths its journal
+    /// names are read, and the tracker makes the push (it holds the index and the
+    /// repository's connection already); this command prints its report. A full
+    /// scan or a large push is made here. Without a tracker, the whole tree is
+    /// compared with the last push.
     Push(PushArgs),
     /// Follow the repository and apply every new version to this machine's tree
     Agent(AgentArgs),
@@ -139,11 +152,10 @@ struct TrackArgs {
     /// one is watched too)
     #[arg(long, value_name = "DIR", default_value = DEV_STATE)]
     state: PathBuf,
-    /// How to watch: fanotify (one mark per whole file system, the root's and
-    /// those mounted below it; needs CAP_SYS_ADMIN and file handles; the kernel is
-    /// told to drop the events of files in directories made since the last push,
-    /// which the push scans whole, and in directories nothing is pushed from),
-    /// inotify (a watch per directory), or auto (fanotify, else inotify)
+    /// How to watch: fanotify (a mark on each whole file system, the root's and
+    /// those mounted below it; needs CAP_SYS_ADMIN and a file system with file
+    /// handles), inotify (a watch on every directory; works unprivileged), or auto
+    /// (fanotify, else inotify)
     #[arg(long, value_enum, default_value = "auto")]
     watcher: WatcherArg,
     #[command(flatten)]
