@@ -97,6 +97,8 @@ const ARCHIVE_TREE: SmallFileTree = SmallFileTree {
 const TRACKER_OVERHEAD_TARGET_PERCENT: f64 = 5.0;
 /// `fanotify_floor` prints `ready` as soon as its mark is in place.
 const FLOOR_START_TIMEOUT: Duration = Duration::from_secs(30);
+/// A tracker that is asked to stop finishes its current batch first.
+const TRACKER_STOP_TIMEOUT: Duration = Duration::from_secs(30);
 /// The file system each extraction gets: the tree takes about 250 MiB there.
 const UNTAR_FILE_SYSTEM_MEGABYTES: u32 = 1024;
 
@@ -590,6 +592,10 @@ struct TrackedUntar {
     tracker_cpu: Duration,
     /// From `tar` exiting until the tracker wrote its last batch.
     catch_up: Duration,
+    /// What the tracker read from the kernel in the run (its last line says).
+    events_read: u64,
+    /// How many of its reads returned any: each woke it, at the writer's expense.
+    reads: u64,
 }
 
 pub fn tracker_overhead(repetitions: usize) -> Result<()> {
@@ -686,10 +692,12 @@ pub fn tracker_overhead(repetitions: usize) -> Result<()> {
                         &log,
                     )?;
                     println!(
-                        "    round {repetition}/{repetitions}: with vdsync track      tar -xf {} (tar's CPU {})  tracker: {} CPU, caught up {} after tar",
+                        "    round {repetition}/{repetitions}: with vdsync track      tar -xf {} (tar's CPU {})  tracker: {} CPU, {} events in {} reads, caught up {} after tar",
                         seconds(run.untar.wall),
                         seconds(run.untar.cpu),
                         seconds(run.tracker_cpu),
+                        run.events_read,
+                        run.reads,
                         milliseconds(run.catch_up)
                     );
                     with_tracker.push(run);
@@ -757,6 +765,13 @@ pub fn tracker_overhead(repetitions: usize) -> Result<()> {
             .map(|run| run.catch_up)
             .collect::<Vec<_>>(),
     )?;
+    let events_read = median(
+        &with_tracker
+            .iter()
+            .map(|run| run.events_read)
+            .collect::<Vec<_>>(),
+    )?;
+    let reads = median(&with_tracker.iter().map(|run| run.reads).collect::<Vec<_>>())?;
     let wall_overhead = overhead_percent(without_wall, with_wall);
     let cpu_overhead = overhead_percent(without_cpu, with_cpu);
     println!();
@@ -806,9 +821,10 @@ pub fn tracker_overhead(repetitions: usize) -> Result<()> {
         "  fanotify_floor: the tracker's events on the same mark, every one made, queued, read at the tracker's pace and dropped (the tracker itself has the kernel ignore the entries of directories created since the last push, so it can cost less)"
     );
     println!(
-        "  the tracker itself: {} CPU per run, caught up {} after tar exited",
+        "  the tracker itself: {} CPU per run, caught up {} after tar exited; it read {events_read} events in {reads} reads (tar creates {} files and directories, one name event each were none ignored)",
         seconds(tracker_cpu),
-        milliseconds(catch_up)
+        milliseconds(catch_up),
+        ARCHIVE_TREE.file_count() + ARCHIVE_TREE.directories
     );
     println!(
         "  vdsync track against the mark with every event ignored: {:+.1}% wall clock; against fanotify_floor: {:+.1}%",
@@ -943,6 +959,7 @@ fn untar_with_tracker(
     let tracker_cpu = CpuTimes::read(&tracker_process)?
         .own
         .saturating_sub(cpu_at_start);
+    let (events_read, reads) = stop_tracker_and_read_totals(tracker.process_id, log_path)?;
     processes.stop_all();
     std::fs::remove_dir_all(tracker_state)
         .with_context(|| format!("cannot remove {}", tracker_state.display()))?;
@@ -950,7 +967,38 @@ fn untar_with_tracker(
         untar,
         tracker_cpu,
         catch_up: last_batch.duration_since(tar_exited).unwrap_or_default(),
+        events_read,
+        reads,
     })
+}
+
+/// Stops the tracker with SIGTERM and returns what its last line says it read:
+/// (events, reads that returned any).
+fn stop_tracker_and_read_totals(process_id: u32, log_path: &Path) -> Result<(u64, u64)> {
+    const PREFIX: &str = "stopped after reading ";
+    let pid = rustix::process::Pid::from_raw(process_id as i32)
+        .with_context(|| format!("{process_id} is not a process id"))?;
+    rustix::process::kill_process(pid, rustix::process::Signal::TERM)
+        .with_context(|| format!("cannot stop the tracker (pid {process_id})"))?;
+    let mut last_line = None;
+    wait_until(TRACKER_STOP_TIMEOUT, "the tracker to stop", || {
+        let log = std::fs::read_to_string(log_path).unwrap_or_default();
+        last_line = log
+            .lines()
+            .find_map(|line| line.strip_prefix(PREFIX))
+            .map(str::to_owned);
+        Ok(last_line.is_some())
+    })?;
+    // "N event(s) in M read(s)"
+    let line = last_line.unwrap_or_default();
+    let numbers: Vec<u64> = line
+        .split_whitespace()
+        .filter_map(|word| word.parse().ok())
+        .collect();
+    match numbers[..] {
+        [events, reads] => Ok((events, reads)),
+        _ => bail!("the tracker's last line is not \"{PREFIX}N event(s) in M read(s)\": {line:?}"),
+    }
 }
 
 /// Waits until the tracker's journal file has kept its size and modification time

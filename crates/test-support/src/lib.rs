@@ -202,13 +202,17 @@ pub fn output_within(command: &mut Command, timeout: Duration) -> Output {
 
 /// Spawns `vdsync track` (`command`, its stdout made a pipe here) in its own process
 /// group and waits for its first line, "tracking ...": its marks are in place from
-/// then on. Returns the process and that line.
+/// then on. Returns the process (its stdout still a pipe, for the line it prints as
+/// it stops) and that line.
 pub fn spawn_tracker(command: &mut Command) -> (GroupChild, String) {
     command.stdout(Stdio::piped());
     let mut tracker = GroupChild::spawn(command);
     let mut line = String::new();
     if let Some(stdout) = tracker.child.stdout.take() {
-        let _ = BufReader::new(stdout).read_line(&mut line);
+        let mut reader = BufReader::new(stdout);
+        let _ = reader.read_line(&mut line);
+        // Nothing more is written before it stops: the buffer holds no more.
+        tracker.child.stdout = Some(reader.into_inner());
     }
     assert!(line.starts_with("tracking "), "the tracker said {line:?}");
     (tracker, line)

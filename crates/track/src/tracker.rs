@@ -248,13 +248,24 @@ impl IndexSlot {
     }
 }
 
+/// What a tracker read from the kernel while it ran, for its last words: a
+/// writer pays for each event made and each time it wakes the tracker, so these
+/// say what watching cost it.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct ReadTotals {
+    /// Events read (of the fanotify groups, or inotify's).
+    pub events: u64,
+    /// Reads that returned any.
+    pub reads: u64,
+}
+
 /// Runs until `stop` is set. `ready` is called, with a description of the watcher,
 /// once events are being recorded.
 pub fn run(
     options: &TrackOptions<'_>,
     stop: Arc<AtomicBool>,
     ready: &mut dyn FnMut(&str),
-) -> Result<(), TrackError> {
+) -> Result<ReadTotals, TrackError> {
     let io_error = |path: &Path| {
         let path = path.to_path_buf();
         move |source| TrackError::Io { path, source }
@@ -329,6 +340,7 @@ pub fn run(
     let mut last_flush = Instant::now();
     // Snapshot requests waiting for their fence: (fence number, deadline, reply).
     let mut fences: Vec<(u64, Instant, mpsc::Sender<Response>)> = Vec::new();
+    let mut totals = ReadTotals::default();
 
     while !stop.load(Ordering::Relaxed) {
         // After a read that found events, put the next one off a little so that
@@ -364,6 +376,10 @@ pub fn run(
         let _ = rustix::io::read(&*wake, &mut counter);
         let ignores_before = watcher.ignores_placed();
         let events = watcher.poll(&context, &mut seen)?;
+        if events > 0 {
+            totals.events += events as u64;
+            totals.reads += 1;
+        }
         if watcher.ignores_placed() != ignores_before {
             eager_until = Instant::now() + EAGER_AFTER_IGNORE;
         }
@@ -464,7 +480,7 @@ pub fn run(
     }
     let _ = std::fs::remove_file(&socket_path);
     index.release();
-    Ok(())
+    Ok(totals)
 }
 
 /// What the watcher has seen since the last journal batch.

@@ -531,7 +531,7 @@ fn track(args: TrackArgs) -> Result<()> {
     stop_on_signals(stop.clone())?;
     let root = args.root.clone();
     let state = args.state.clone();
-    vdsync_track::tracker::run(
+    let totals = vdsync_track::tracker::run(
         &vdsync_track::tracker::TrackOptions {
             root: &args.root,
             state_dir: &args.state,
@@ -553,6 +553,14 @@ fn track(args: TrackArgs) -> Result<()> {
             let _ = std::io::stdout().flush();
         },
     )?;
+    // Whoever started the tracker may have stopped reading its output long ago.
+    use std::io::Write;
+    let _ = writeln!(
+        std::io::stdout(),
+        "stopped after reading {} event(s) in {} read(s)",
+        totals.events,
+        totals.reads
+    );
     Ok(())
 }
 

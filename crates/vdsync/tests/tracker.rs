@@ -123,6 +123,37 @@ impl Lab {
         }
     }
 
+    /// Stops the tracker as an operator would, with SIGTERM, and returns what it
+    /// printed after its first line.
+    fn stop_tracker_with_sigterm(&mut self) -> String {
+        use std::io::Read;
+        let mut tracker = self.tracker.take().expect("no tracker is running");
+        let pid = rustix::process::Pid::from_raw(tracker.pid() as i32).unwrap();
+        rustix::process::kill_process(pid, rustix::process::Signal::TERM).unwrap();
+        let mut status = None;
+        wait_until(
+            Duration::from_secs(30),
+            "the tracker to stop on SIGTERM",
+            || {
+                status = tracker.child.try_wait().unwrap();
+                status.is_some()
+            },
+        );
+        assert!(
+            status.unwrap().success(),
+            "the tracker stopped with {status:?}"
+        );
+        let mut said = String::new();
+        tracker
+            .child
+            .stdout
+            .take()
+            .unwrap()
+            .read_to_string(&mut said)
+            .unwrap();
+        said
+    }
+
     fn status_json(&self) -> serde_json::Value {
         let out = self.vdsync.ok([
             "status".as_ref(),
@@ -449,7 +480,16 @@ fn changes_while_the_tracker_was_down_are_found_after_its_restart(watcher: Watch
         std::fs::write(dev.join("before"), "0").unwrap()
     });
     std::fs::write(lab.dev.join("before"), "1").unwrap();
-    lab.stop_tracker();
+    // Its last line says what it read: at least the fence file of the push that
+    // `Lab::new` made (the write just made may still be queued when it stops; the
+    // next tracker rescans anyway).
+    let said = lab.stop_tracker_with_sigterm();
+    let events: u64 = said
+        .strip_prefix("stopped after reading ")
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|number| number.parse().ok())
+        .unwrap_or_else(|| panic!("the tracker's last words: {said:?}"));
+    assert!(events >= 1, "the tracker read {events} event(s): {said:?}");
     std::fs::write(lab.dev.join("while-down"), "unseen by any tracker").unwrap();
     std::fs::remove_file(lab.dev.join("before")).unwrap();
     // Without a tracker, push and status scan everything rather than trust the journal.
