@@ -196,6 +196,20 @@ impl Fanotify {
         )
     }
 
+    /// Removes the mark [`Fanotify::watch_contents`] placed on the directory open as
+    /// `directory` (`O_PATH` too, as [`Fanotify::open_handle`] gives): its content
+    /// events end. `ENOENT` if it had none.
+    pub fn unwatch_contents(&self, directory: BorrowedFd<'_>) -> io::Result<()> {
+        // "." rather than no name: without one the kernel takes the descriptor as
+        // the object, and refuses an `O_PATH` one.
+        self.mark(
+            libc::FAN_MARK_REMOVE | libc::FAN_MARK_ONLYDIR,
+            DIRECTORY_CONTENT_EVENTS,
+            directory.as_raw_fd(),
+            Some(c"."),
+        )
+    }
+
     /// Marks the whole file system holding the directory `path` too (a mount below
     /// the root); false if it was marked already. Fails like
     /// [`Fanotify::watch_filesystem`].
@@ -328,9 +342,9 @@ impl Fanotify {
         Ok(PathBuf::from(OsStr::from_bytes(link.as_bytes())))
     }
 
-    /// An `O_PATH` descriptor of the directory behind `handle` on the file system
-    /// `fsid`; fails like [`Fanotify::resolve`].
-    fn open_handle(&self, fsid: Fsid, handle: &FileHandle) -> io::Result<OwnedFd> {
+    /// A descriptor of the directory behind `handle` on the file system `fsid`, one
+    /// of this group's; fails like [`Fanotify::resolve`].
+    pub fn open_handle(&self, fsid: Fsid, handle: &FileHandle) -> io::Result<OwnedFd> {
         let mount_path = self.mounts.get(&fsid).ok_or_else(|| {
             io::Error::other(format!(
                 "an event names file system {fsid:#x}, which is not watched"

@@ -787,11 +787,12 @@ impl Watcher {
                     source,
                 };
                 let mut events = group.read(wait).map_err(read_error)?;
+                let names_read = events.len();
                 // Read after the names: everything queued before a fence read just
                 // now is read too (see `Contents::read_all`).
                 events.extend(contents.read_all().map_err(read_error)?);
                 events_read = events.len();
-                for event in &events {
+                for (number, event) in events.iter().enumerate() {
                     if event.is_overflow() {
                         seen.overflow();
                         continue;
@@ -808,6 +809,9 @@ impl Watcher {
                     }
                     for target in &ignorable {
                         ignores.add(group, target);
+                        if number >= names_read && target.name == b"." {
+                            contents.forget(group, target);
+                        }
                     }
                     if moves_a_directory(event) {
                         if let Err(reason) = ignores.forget_all(group) {
@@ -947,6 +951,21 @@ impl Contents {
             if events.len() >= QUEUE_LENGTH {
                 return Ok(events);
             }
+        }
+    }
+
+    /// Removes the mark of a directory nothing is pushed from that made a content
+    /// event: one moved out of the tree since it was marked. Its other events, and
+    /// its subdirectories' (each removed likewise at its first), are read and
+    /// dropped until then. Should it come back, it is marked again: moving in marks
+    /// it `Subtree`, below which the next snapshot places marks.
+    fn forget(&self, names: &Fanotify, directory: &IgnoreTarget) {
+        if self.everywhere {
+            return;
+        }
+        // Gone since, or its mark removed by an earlier event: nothing to do.
+        if let Ok(fd) = names.open_handle(directory.fsid, &directory.dir) {
+            let _ = self.group.unwatch_contents(fd.as_fd());
         }
     }
 

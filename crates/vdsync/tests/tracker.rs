@@ -779,6 +779,106 @@ fn where_fanotify_is_refused_the_tracker_falls_back_to_inotify_and_loses_nothing
     lab.agent_matches_dev();
 }
 
+/// Directories (by inode) that the fanotify groups of process `pid` have a mark
+/// for content events on (`FAN_MODIFY` in its mask), from the kernel's own list in
+/// /proc/PID/fdinfo.
+fn content_marked_directories(pid: u32) -> std::collections::HashSet<u64> {
+    const FAN_MODIFY: u64 = 0x2;
+    let mut marked = std::collections::HashSet::new();
+    for entry in std::fs::read_dir(format!("/proc/{pid}/fd")).unwrap() {
+        let entry = entry.unwrap();
+        let is_fanotify = std::fs::read_link(entry.path())
+            .is_ok_and(|target| target.as_os_str() == "anon_inode:[fanotify]");
+        if !is_fanotify {
+            continue;
+        }
+        let fd = entry.file_name().into_string().unwrap();
+        let info = std::fs::read_to_string(format!("/proc/{pid}/fdinfo/{fd}")).unwrap();
+        for line in info
+            .lines()
+            .filter(|line| line.starts_with("fanotify ino:"))
+        {
+            let field = |name: &str| {
+                line.split_whitespace()
+                    .find_map(|word| word.strip_prefix(name))
+                    .and_then(|hex| u64::from_str_radix(hex, 16).ok())
+                    .unwrap_or_else(|| panic!("no {name} in {line:?}"))
+            };
+            if field("mask:") & FAN_MODIFY != 0 {
+                marked.insert(field("ino:"));
+            }
+        }
+    }
+    marked
+}
+
+/// A directory moved out of the root loses its content mark at its first event
+/// there, and so does each directory below it: the tracker no longer hears, nor
+/// keeps in memory, what nothing is pushed from. Moved back in, it is marked again.
+#[test]
+fn a_directory_moved_out_of_the_root_is_no_longer_heard() {
+    use std::os::unix::fs::MetadataExt;
+    let lab = Lab::new(Watcher::Fanotify, |dev| {
+        std::fs::create_dir_all(dev.join("leaving/below")).unwrap();
+        std::fs::write(dev.join("leaving/below/file"), "v0").unwrap();
+    });
+    let tracker = lab.tracker.as_ref().unwrap().pid();
+    let inode = |path: &Path| std::fs::metadata(path).unwrap().ino();
+    let (root, leaving, below) = (
+        inode(&lab.dev),
+        inode(&lab.dev.join("leaving")),
+        inode(&lab.dev.join("leaving/below")),
+    );
+    // The first push's snapshot marked the whole tree.
+    let marked = content_marked_directories(tracker);
+    assert!(
+        [root, leaving, below]
+            .iter()
+            .all(|ino| marked.contains(ino)),
+        "not every directory has a content mark: {marked:?}"
+    );
+
+    let outside = lab.dir.join("outside");
+    std::fs::rename(lab.dev.join("leaving"), &outside).unwrap();
+    std::fs::write(outside.join("new-file"), "heard once").unwrap();
+    std::fs::write(outside.join("below/file"), "v1").unwrap();
+    std::fs::write(lab.dev.join("staying"), "in the tree").unwrap();
+    // The snapshot's fence has the tracker read every event made before it.
+    assert_eq!(
+        lab.status(),
+        pairs(&[("deleted", "leaving"), ("new", "staying")])
+    );
+    let marked = content_marked_directories(tracker);
+    assert!(marked.contains(&root), "the root lost its mark: {marked:?}");
+    assert!(
+        !marked.contains(&leaving) && !marked.contains(&below),
+        "a directory moved out kept its content mark: {marked:?}"
+    );
+    lab.push_from_journal();
+
+    // Moved back in, it is heard again from the next snapshot on.
+    std::fs::rename(&outside, lab.dev.join("returned")).unwrap();
+    assert_eq!(
+        lab.status(),
+        pairs(&[
+            ("new", "returned"),
+            ("new", "returned/below"),
+            ("new", "returned/below/file"),
+            ("new", "returned/new-file"),
+        ])
+    );
+    let marked = content_marked_directories(tracker);
+    assert!(
+        marked.contains(&leaving) && marked.contains(&below),
+        "a directory moved back in has no content mark: {marked:?}"
+    );
+    lab.push_from_journal();
+    std::fs::write(lab.dev.join("returned/below/file"), "v2").unwrap();
+    assert_eq!(lab.status(), pairs(&[("modified", "returned/below/file")]));
+    lab.push_from_journal();
+    lab.agent_matches_dev();
+}
+
 /// A file rewritten over and over while it is pushed: every push that succeeds sent
 /// a state the file was in at one instant, and every push that fails says the file
 /// kept changing. Each rewrite fills the file with one byte value, one chunk at a
