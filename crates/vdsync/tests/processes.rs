@@ -432,14 +432,18 @@ fn a_child_its_parent_ends_is_not_started_twice() {
     touch_binary(&lab.dev.join(TESTD));
     let version = lab.push();
     let outcome = lab.wait_outcome(version);
-    let mut actions = Lab::outcome_processes(&outcome);
-    actions.sort_by_key(|(_, pid, _)| *pid);
+    // Sorted by action, not by pid: the child's pid is lower if pids wrapped.
+    let mut actions: Vec<(String, u32)> = Lab::outcome_processes(&outcome)
+        .into_iter()
+        .map(|(action, pid, _)| (action, pid as u32))
+        .collect();
+    actions.sort();
     assert_eq!(
-        actions
-            .iter()
-            .map(|(action, pid, _)| (action.as_str(), *pid as u32))
-            .collect::<Vec<_>>(),
-        [("restarted", parent.pid), ("ended_by_parent", child.pid)],
+        actions,
+        [
+            ("ended_by_parent".to_owned(), child.pid),
+            ("restarted".to_owned(), parent.pid)
+        ],
         "{outcome:#}"
     );
     let new_parent = wait_for_report(&lab.report_path("family"), WAIT, "the new parent", |r| {
@@ -674,15 +678,20 @@ fn an_agent_killed_between_stop_and_start_finishes_the_job_on_restart() {
     write(&lab.dev.join("srv/data/a.db"), "a 2\n");
     write(&lab.dev.join("srv/data/b.db"), "b 2\n");
     let version = lab.push();
-    // Restarts go by pid among unrelated processes: the first is stopped at once,
-    // then the agent waits ten minutes before the second.
-    wait_until(WAIT, "the first process to be stopped", || {
-        !vdsync_test_support::process_is_running(first.pid)
+    // Restarts go by pid among unrelated processes: the lower one is stopped at
+    // once (the first started, unless pids wrapped in between), then the agent
+    // waits ten minutes before the other.
+    let running = |report: &TestdReport| vdsync_test_support::process_is_running(report.pid);
+    wait_until(WAIT, "one of the two processes to be stopped", || {
+        !running(&first) || !running(&second)
     });
     let pending = lab.dir.join("agent-state/processes.json");
     assert!(pending.exists(), "the plan is recorded before acting");
     lab.agent.take().unwrap().kill();
-    assert!(vdsync_test_support::process_is_running(second.pid));
+    assert!(
+        running(&first) != running(&second),
+        "both processes were stopped: the agent did not wait its stop interval"
+    );
     assert_eq!(
         std::fs::read_to_string(data.join("a.db")).unwrap(),
         "a 1\n",

@@ -983,6 +983,7 @@ fn a_file_rewritten_while_it_is_pushed_is_sent_as_it_was_at_one_instant() {
         std::thread::spawn(move || {
             let file = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
             let mut value = 0u8;
+            let mut rewrites = 0u32;
             while !stop.load(Ordering::Relaxed) {
                 value = next(value);
                 let order = std::iter::once(CHUNKS - 1).chain(0..CHUNKS - 1);
@@ -993,10 +994,23 @@ fn a_file_rewritten_while_it_is_pushed_is_sent_as_it_was_at_one_instant() {
                     std::thread::sleep(Duration::from_micros(300));
                 }
                 last_value.store(value, Ordering::Relaxed);
-                std::thread::sleep(Duration::from_millis(15));
+                // Now and then a pause long enough for a push on a loaded machine
+                // (the hash read, a round trip to the repository and the upload's
+                // read) to fall within it, so that some push can go through.
+                rewrites += 1;
+                let pause = if rewrites.is_multiple_of(6) { 200 } else { 15 };
+                std::thread::sleep(Duration::from_millis(pause));
             }
         })
     };
+    // Stops the writer however the test ends, so it does not slow the others.
+    struct StopOnDrop(Arc<AtomicBool>);
+    impl Drop for StopOnDrop {
+        fn drop(&mut self) {
+            self.0.store(true, Ordering::Relaxed);
+        }
+    }
+    let _stop_writer = StopOnDrop(stop.clone());
     // Whether `content` is a state the writer ever left the file in.
     let held_at_one_instant = |content: &[u8]| -> bool {
         let chunks: Vec<&[u8]> = content.chunks(CHUNK).collect();
