@@ -536,7 +536,7 @@ fn a_following_agent_stops_on_sigterm_even_as_pid_one() {
         .unwrap();
         let mut status = None;
         wait_until(
-            Duration::from_secs(10),
+            Duration::from_secs(30),
             "the agent to exit after SIGTERM",
             || {
                 status = agent.child.try_wait().unwrap();
