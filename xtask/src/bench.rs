@@ -33,9 +33,9 @@ use anyhow::{bail, Context, Result};
 
 use crate::harness::{
     check_copy, find_on_path, initialize_repository, load_average, machine_summary, median,
-    narrate, parse_push_report, parse_repetitions, push_command, ratio_text, run_checked, seconds,
-    start_repository_server, sync_file_systems, with_trailing_slash, BackgroundProcesses,
-    SmallFileTree, Vdsync, Xorshift64,
+    median_by, narrate, parse_push_report, parse_repetitions, push_command, ratio_text,
+    run_checked, seconds, start_repository_server, sync_file_systems, with_trailing_slash,
+    BackgroundProcesses, SmallFileTree, Vdsync, Xorshift64,
 };
 
 /// Three runs give a median that one slow outlier (a page-cache eviction, a build next
@@ -203,9 +203,7 @@ fn measure_workload(
     std::fs::remove_dir_all(&source)
         .with_context(|| format!("cannot remove {}", source.display()))?;
 
-    let column = |select: fn(&Measurement) -> Duration| {
-        median(&measurements.iter().map(select).collect::<Vec<_>>())
-    };
+    let column = |select: fn(&Measurement) -> Duration| median_by(&measurements, select);
     Ok(WorkloadResult {
         table_name: workload.table_name,
         push: column(|measurement| measurement.push)?,

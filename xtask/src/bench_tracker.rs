@@ -47,7 +47,7 @@ use vdsync_test_support::{GroupChild, Mount};
 
 use crate::harness::{
     build_fanotify_floor, build_release, check_copy, describe_command, find_on_path,
-    initialize_repository, load_average, log_tail, machine_summary, mebibytes, median,
+    initialize_repository, load_average, log_tail, machine_summary, mebibytes, median, median_by,
     milliseconds, narrate, parse_push_report, push_command, ratio_text, run_checked,
     scratch_directory, seconds, speedup, start_repository_server, start_tracker, sync_file_systems,
     wait_for_agents_at_version, wait_until, with_trailing_slash, BackgroundProcesses, PushReport,
@@ -383,9 +383,7 @@ fn set_up_one_change(
 
 fn print_one_change_summary(runs: &[OneChangeRun]) -> Result<()> {
     let repetitions = runs.len();
-    let column = |select: fn(&OneChangeRun) -> Duration| {
-        median(&runs.iter().map(select).collect::<Vec<_>>())
-    };
+    let column = |select: fn(&OneChangeRun) -> Duration| median_by(runs, select);
     let vdsync_median = column(|run| run.vdsync.until_done())?;
     let applied_median = column(|run| run.vdsync.until_applied)?;
     let push_median = column(|run| run.vdsync.push_exited)?;
@@ -739,9 +737,7 @@ pub fn tracker_overhead(repetitions: usize) -> Result<()> {
         }
     }
 
-    let column = |runs: &[UntarTimes], select: fn(&UntarTimes) -> Duration| {
-        median(&runs.iter().map(select).collect::<Vec<_>>())
-    };
+    let column = |runs: &[UntarTimes], select: fn(&UntarTimes) -> Duration| median_by(runs, select);
     let tracked_untars: Vec<UntarTimes> = with_tracker.iter().map(|run| run.untar).collect();
     let without_wall = column(&without_tracker, |times| times.wall)?;
     let without_cpu = column(&without_tracker, |times| times.cpu)?;
@@ -753,25 +749,10 @@ pub fn tracker_overhead(repetitions: usize) -> Result<()> {
     let floor_cpu = column(&with_floor, |times| times.cpu)?;
     let with_wall = column(&tracked_untars, |times| times.wall)?;
     let with_cpu = column(&tracked_untars, |times| times.cpu)?;
-    let tracker_cpu = median(
-        &with_tracker
-            .iter()
-            .map(|run| run.tracker_cpu)
-            .collect::<Vec<_>>(),
-    )?;
-    let catch_up = median(
-        &with_tracker
-            .iter()
-            .map(|run| run.catch_up)
-            .collect::<Vec<_>>(),
-    )?;
-    let events_read = median(
-        &with_tracker
-            .iter()
-            .map(|run| run.events_read)
-            .collect::<Vec<_>>(),
-    )?;
-    let reads = median(&with_tracker.iter().map(|run| run.reads).collect::<Vec<_>>())?;
+    let tracker_cpu = median_by(&with_tracker, |run| run.tracker_cpu)?;
+    let catch_up = median_by(&with_tracker, |run| run.catch_up)?;
+    let events_read = median_by(&with_tracker, |run| run.events_read)?;
+    let reads = median_by(&with_tracker, |run| run.reads)?;
     let wall_overhead = overhead_percent(without_wall, with_wall);
     let cpu_overhead = overhead_percent(without_cpu, with_cpu);
     println!();
@@ -1186,8 +1167,7 @@ pub fn tracker_memory(repetitions: usize) -> Result<()> {
     }
     processes.stop_all();
 
-    let column =
-        |select: fn(&MemoryRun) -> u64| median(&runs.iter().map(select).collect::<Vec<_>>());
+    let column = |select: fn(&MemoryRun) -> u64| median_by(&runs, select);
     let peak_median = column(MemoryRun::peak)?;
     let journalling_peak_median = column(|run| run.after_journalling.peak_resident)?;
     let journalling_resident_median = column(|run| run.after_journalling.resident)?;
@@ -1210,12 +1190,7 @@ pub fn tracker_memory(repetitions: usize) -> Result<()> {
         runs.iter().filter_map(|run| run.status.as_ref()).collect();
     if let Some(last) = status_runs.last() {
         let status_column = |select: fn(&ProcessMemory) -> u64| {
-            median(
-                &status_runs
-                    .iter()
-                    .map(|outcome| select(&outcome.memory))
-                    .collect::<Vec<_>>(),
-            )
+            median_by(&status_runs, |outcome| select(&outcome.memory))
         };
         println!(
             "  after vdsync status read the journal: VmRSS     {:>10}   VmHWM {}",

@@ -149,6 +149,11 @@ pub fn median<T: Ord + Copy>(measurements: &[T]) -> Result<T> {
         .context("no measurements to take the median of")
 }
 
+/// The median of one figure (`select`) of each of a non-empty list of runs.
+pub fn median_by<R, T: Ord + Copy>(runs: &[R], select: impl Fn(&R) -> T) -> Result<T> {
+    median(&runs.iter().map(select).collect::<Vec<_>>())
+}
+
 /// A fresh directory under the system temporary directory whose name says which task
 /// made it; removed with everything in it when dropped, including on failure.
 pub fn scratch_directory(task_name: &str) -> Result<TempDir> {
@@ -648,6 +653,10 @@ mod tests {
         assert_eq!(median(&measurements).unwrap(), Duration::from_secs(2));
         assert!(median::<Duration>(&[]).is_err());
         assert_eq!(median(&[5_u64, 9, 7, 1]).unwrap(), 7);
+        assert_eq!(
+            median_by(&[(1, 'a'), (3, 'b'), (2, 'c')], |run| run.0).unwrap(),
+            2
+        );
     }
 
     #[test]
