@@ -62,6 +62,17 @@ impl GroupChild {
         self.child.id()
     }
 
+    /// Waits up to `timeout` for the process to exit (after a signal the caller
+    /// sent) and returns its status; fails naming `what` if it does not.
+    pub fn wait_within(&mut self, timeout: Duration, what: &str) -> std::process::ExitStatus {
+        let mut status = None;
+        wait_until(timeout, what, || {
+            status = self.child.try_wait().expect("cannot check on the child");
+            status.is_some()
+        });
+        status.expect("wait_until returns once the process has exited")
+    }
+
     /// SIGKILL to the whole group, then reap.
     pub fn kill(&mut self) {
         if let Some(pid) = rustix::process::Pid::from_raw(self.child.id() as i32) {

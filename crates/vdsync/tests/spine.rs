@@ -534,18 +534,10 @@ fn a_following_agent_stops_on_sigterm_even_as_pid_one() {
             rustix::process::Signal::TERM,
         )
         .unwrap();
-        let mut status = None;
-        wait_until(
-            Duration::from_secs(30),
-            "the agent to exit after SIGTERM",
-            || {
-                status = agent.child.try_wait().unwrap();
-                status.is_some()
-            },
-        );
+        let status = agent.wait_within(Duration::from_secs(30), "the agent to exit after SIGTERM");
         let said = std::fs::read_to_string(&log).unwrap();
         assert!(
-            status.unwrap().success(),
+            status.success(),
             "as pid 1: {as_pid_one}: {:?}; it said {said}",
             status
         );

@@ -130,19 +130,8 @@ impl Lab {
         let mut tracker = self.tracker.take().expect("no tracker is running");
         let pid = rustix::process::Pid::from_raw(tracker.pid() as i32).unwrap();
         rustix::process::kill_process(pid, rustix::process::Signal::TERM).unwrap();
-        let mut status = None;
-        wait_until(
-            Duration::from_secs(30),
-            "the tracker to stop on SIGTERM",
-            || {
-                status = tracker.child.try_wait().unwrap();
-                status.is_some()
-            },
-        );
-        assert!(
-            status.unwrap().success(),
-            "the tracker stopped with {status:?}"
-        );
+        let status = tracker.wait_within(Duration::from_secs(30), "the tracker to stop on SIGTERM");
+        assert!(status.success(), "the tracker stopped with {status:?}");
         let mut said = String::new();
         tracker
             .child
