@@ -31,12 +31,7 @@ fn install_testd(root: &Path) -> PathBuf {
 
 /// Waits for a testd started with `spawn` to exit and returns its status.
 fn wait_for_exit(testd: &mut GroupChild) -> std::process::ExitStatus {
-    let mut status = None;
-    wait_until(TIMEOUT, "vdsync-testd to exit", || {
-        status = testd.child.try_wait().expect("try_wait");
-        status.is_some()
-    });
-    status.expect("an exit status")
+    testd.wait_within(TIMEOUT, "vdsync-testd to exit")
 }
 
 #[test]
