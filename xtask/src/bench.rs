@@ -32,10 +32,10 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 
 use crate::harness::{
-    check_copy, find_on_path, initialize_repository, load_average, machine_summary, median,
-    median_by, narrate, parse_push_report, parse_repetitions, push_command, ratio_text,
-    run_checked, seconds, start_repository_server, sync_file_systems, with_trailing_slash,
-    BackgroundProcesses, SmallFileTree, Vdsync, Xorshift64,
+    check_copy, find_on_path, initialize_repository, load_average, machine_summary, median_by,
+    narrate, parse_push_report, parse_repetitions, push_command, ratio_text, run_checked, seconds,
+    start_repository_server, sync_file_systems, with_trailing_slash, BackgroundProcesses,
+    SmallFileTree, Vdsync, Xorshift64,
 };
 
 /// Three runs give a median that one slow outlier (a page-cache eviction, a build next

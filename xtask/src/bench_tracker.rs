@@ -47,7 +47,7 @@ use vdsync_test_support::{GroupChild, Mount};
 
 use crate::harness::{
     build_fanotify_floor, build_release, check_copy, describe_command, find_on_path,
-    initialize_repository, load_average, log_tail, machine_summary, mebibytes, median, median_by,
+    initialize_repository, load_average, log_tail, machine_summary, mebibytes, median_by,
     milliseconds, narrate, parse_push_report, push_command, ratio_text, run_checked,
     scratch_directory, seconds, speedup, start_repository_server, start_tracker, sync_file_systems,
     wait_for_agents_at_version, wait_until, with_trailing_slash, BackgroundProcesses, PushReport,
